@@ -1,0 +1,1 @@
+"""Export backends: ONNX and TFLite writers, quantization, runtimes and verification."""

@@ -1,0 +1,1 @@
+"""Hardware targets: latency measurement, device profiles and latency prediction."""
