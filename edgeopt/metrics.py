@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from edgeopt._logging import get_logger
+
+logger = get_logger(__name__)
 
 
 def count_params(model: nn.Module) -> int:
@@ -50,3 +55,97 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Return the share of samples whose arg-max class is the same in both logit arrays."""
     return float(np.mean(np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)))
+
+
+def _onnx_model(path: Path):
+    import onnx
+
+    from edgeopt.errors import ModelLoadError
+
+    try:
+        model = onnx.load(str(path))
+        return onnx.shape_inference.infer_shapes(model)
+    except (OSError, onnx.onnx_cpp2py_export.shape_inference.InferenceError) as exc:
+        raise ModelLoadError(f"cannot read ONNX model {path}: {exc}") from exc
+    except Exception as exc:  # protobuf raises DecodeError for corrupt files
+        raise ModelLoadError(f"cannot read ONNX model {path}: {exc}") from exc
+
+
+def onnx_params(path: Path) -> int:
+    """Return the number of elements in the initializers of the ONNX model at `path`."""
+    model = _onnx_model(path)
+    return int(sum(np.prod(tensor.dims, dtype=np.int64) for tensor in model.graph.initializer))
+
+
+def _onnx_tensor_shapes(path: Path) -> dict[str, list[int]] | None:
+    """Return the shape of every tensor of one batch-1 run, read from ONNX Runtime.
+
+    Running the model gives shapes where static shape inference gives up (old opsets, Reshape
+    targets stored as initializers). None when an input is not float32.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = _onnx_model(path)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            return None
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim]
+        feeds[value.name] = np.zeros(dims, np.float32)
+    existing = {value.name for value in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in existing:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+                existing.add(name)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [output.name for output in session.get_outputs()]
+    values = session.run(names, feeds)
+    shapes = {name: list(np.shape(value)) for name, value in zip(names, values, strict=True)}
+    shapes.update({name: list(array.shape) for name, array in feeds.items()})
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = list(tensor.dims)
+    return shapes
+
+
+def onnx_macs(path: Path) -> int | None:
+    """Return the MACs of Conv, ConvTranspose, Gemm and MatMul nodes for one sample.
+
+    Tensor shapes come from one run at batch 1 (symbolic dimensions set to 1). None when the
+    model cannot be run on float32 zeros.
+    """
+    model = _onnx_model(path)
+    try:
+        shapes = _onnx_tensor_shapes(path)
+    except Exception as exc:  # ONNX Runtime raises its own error types
+        logger.warning("MACs of %s not counted: %s", path, str(exc).splitlines()[0])
+        return None
+    if shapes is None:
+        return None
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        out_shape = shapes[node.output[0]]
+        weight_shape = shapes[node.input[1]]
+        if node.op_type == "Conv":
+            # Each output element takes C_in/groups × kernel products: the weight's dims 1…
+            total += int(np.prod(out_shape)) * int(np.prod(weight_shape[1:]))
+        elif node.op_type == "ConvTranspose":
+            total += int(np.prod(shapes[node.input[0]])) * int(np.prod(weight_shape[1:]))
+        else:
+            a_shape = shapes[node.input[0]]
+            transpose_a = any(a.name == "transA" and a.i for a in node.attribute)
+            inner = a_shape[-2] if transpose_a else a_shape[-1]
+            total += int(np.prod(out_shape)) * int(inner)
+    return total
