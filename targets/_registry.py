@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from edgeopt.targets._adb import adb_targets
 from edgeopt.targets._base import Target
 from edgeopt.targets._local import local_targets
+from edgeopt.targets._profiles import PredictedTarget, device_profiles
 
 from edgeopt.errors import TargetError
 
 
 def list_targets() -> list[Target]:
-    """Return every registered target, local ones first."""
-    return [*local_targets()]
+    """Return every registered target: local ones, then adb devices, then predicted profiles."""
+    predicted = [PredictedTarget(profile) for profile in device_profiles()]
+    return [*local_targets(), *adb_targets(), *predicted]
 
 
 def get_target(name: str) -> Target:
