@@ -47,6 +47,9 @@ def configure_cli_logging(quiet: bool = False, debug: bool = False) -> None:
     handler.setLevel(level)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    # The command line owns the process: some dependencies install handlers on the root
+    # logger, and propagating there would print every record twice.
+    root.propagate = False
 
 
 class RunLogFile:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -369,6 +370,10 @@ _attach_target_commands()
 
 def main() -> None:
     """Entry point of the `edgeopt` console script."""
+    # TensorFlow and the LiteRT converter log from C++ at INFO level by default; keep their
+    # warnings and errors only, unless the user set these variables.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GLOG_minloglevel", "1")
     cli.main(prog_name="edgeopt")
 
 

@@ -35,14 +35,21 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     normalisation are not counted, as is usual for MAC figures of CNNs.
     """
     was_training = model.training
-    model.eval()
+    _set_mode(model, training=False)
     try:
         example = torch.zeros(1, *input_shape)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(example)
         return int(counter.get_total_flops() // 2)
     finally:
-        model.train(was_training)
+        _set_mode(model, training=was_training)
+
+
+def _set_mode(model: nn.Module, training: bool) -> None:
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass  # torch.export modules (.pt2) keep the mode they were exported in
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

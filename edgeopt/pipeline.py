@@ -157,6 +157,7 @@ class StudentStage(Stage):
         config, data = state.config, _require(state.data, "data")
         teacher = _require(state.teacher, "teacher")
         student_config = self._choose(config, data, teacher)
+        torch.manual_seed(config.seed)  # the initial weights are part of a seeded run
         state.student = build_student(student_config, data.input_shape, data.num_classes)
         macs = count_macs(state.student, data.input_shape)
         logger.info(

@@ -133,7 +133,13 @@ class TorchTeacher(Teacher):
         self, name: str, module: nn.Module, kind: str, teacher_input: TeacherInput | None = None
     ) -> None:
         super().__init__(name, teacher_input)
-        self._module = module.eval()
+        try:
+            module.eval()
+        except NotImplementedError:
+            # A torch.export program (.pt2) refuses mode switches: its train or eval
+            # behaviour was fixed when it was exported.
+            logger.debug("teacher %s keeps the mode it was exported in", name)
+        self._module = module
         self.kind = kind
 
     @property
@@ -280,6 +286,7 @@ def load_builtin_teacher(
     folder = cache_dir() / "teachers"
     weights_path = folder / f"{key}.pt"
     info_path = folder / f"{key}.json"
+    torch.manual_seed(seed)  # the initial weights are part of a seeded run
     module = build_builtin_teacher(resolved, data)
     if weights_path.is_file() and info_path.is_file():
         try:
@@ -369,6 +376,19 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _exported_batch_size(program: torch.export.ExportedProgram) -> int | None:
+    """Return the batch size a torch.export program was specialised to, or None if dynamic."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            value = node.meta.get("val")
+            shape = getattr(value, "shape", None)
+            if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
+                return int(shape[0])
+            return None
+    return None
+
+
 def _load_file(path: Path) -> TorchTeacher | OnnxTeacher:
     if not path.exists():
         raise ModelLoadError(f"teacher file not found: {path}")
@@ -382,7 +402,14 @@ def _load_file(path: Path) -> TorchTeacher | OnnxTeacher:
             raise ModelLoadError(
                 f"cannot load torch.export program {path}: {str(exc).splitlines()[0]}"
             ) from exc
-        return TorchTeacher(str(path), program.module(), "pt2")
+        teacher = TorchTeacher(str(path), program.module(), "pt2")
+        batch = _exported_batch_size(program)
+        if batch is not None:
+            teacher.input.fixed_batch = batch
+            teacher.input.notes["fixed_batch"] = (
+                f"detected: the exported program was specialised to batch size {batch}"
+            )
+        return teacher
     if suffix in TORCHSCRIPT_SUFFIXES:
         try:
             module = torch.jit.load(str(path), map_location="cpu")
