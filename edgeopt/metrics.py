@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,10 +47,9 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 
 def _set_mode(model: nn.Module, training: bool) -> None:
-    try:
+    # torch.export modules (.pt2) refuse mode switches and keep the mode they were exported in.
+    with contextlib.suppress(NotImplementedError):
         model.train(training)
-    except NotImplementedError:
-        pass  # torch.export modules (.pt2) keep the mode they were exported in
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

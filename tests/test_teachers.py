@@ -61,7 +61,7 @@ def test_onnx_teacher_symbolic_and_fixed_batch(tmp_path, digits, trained, dynami
     module, _ = trained
     path = tmp_path / "teacher.onnx"
     export_onnx(module, torch.from_numpy(digits.train.x[:1]), path, dynamic_batch=dynamic_batch)
-    teacher, info = load_teacher(str(path), digits)
+    teacher, _ = load_teacher(str(path), digits)
     assert teacher.input.fixed_batch == (None if dynamic_batch else 1)
     assert teacher.input.scale == 1.0
     x = digits.test.x[:37]
@@ -172,7 +172,7 @@ def test_corrupt_model_files(tmp_path, digits, suffix):
 
 
 def test_missing_teacher_file(digits):
-    with pytest.raises(ModelLoadError, match="teacher file not found: /no/such/model.onnx"):
+    with pytest.raises(ModelLoadError, match=r"teacher file not found: /no/such/model\.onnx"):
         load_teacher("/no/such/model.onnx", digits)
 
 
