@@ -37,6 +37,9 @@ def rename_value(model: onnx.ModelProto, old: str, new: str) -> None:
         for value in list(graph.output) + list(graph.value_info):
             if value.name == old:
                 value.name = new
+        for initializer in graph.initializer:
+            if initializer.name == old:
+                initializer.name = new
 
 
 def _all_value_names(graph: onnx.GraphProto) -> set[str]:
@@ -58,7 +61,19 @@ def set_output_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
             f"the exported graph has {len(graph.output)} outputs but the model returns "
             f"{len(names)} ({list(names)})"
         )
+    # Outputs whose current name another output should take (a swap) move to a temporary name.
+    for index, output in enumerate(graph.output):
+        produced = any(output.name in node.output for node in graph.node)
+        if output.name != names[index] and output.name in names and produced:
+            rename_value(model, output.name, f"{output.name}__swap{index}")
     old_names = [output.name for output in graph.output]
+    input_names = {value.name for value in graph.input}
+    for old, new in zip(old_names, names, strict=True):
+        # Move an unrelated tensor (a constant named `zeros`, say) out of the way of the name.
+        if new != old and new in _all_value_names(graph) and new not in old_names:
+            if new in input_names:
+                raise ConversionError(f"output name {new!r} is already the name of a graph input")
+            rename_value(model, new, f"{new}__renamed")
     for index, (old, new) in enumerate(zip(old_names, names, strict=True)):
         if old == new:
             continue

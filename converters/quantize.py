@@ -36,11 +36,14 @@ logger = get_logger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy")
 PER_CHANNEL_MIN_OPSET = 13
-# Top-1 agreements closer than this count as a tie, decided by SQNR.
-_TOP1_TIE = 0.002
+# Top-1 agreements that differ by at most this many held-out samples (or 0.2%) count as a tie,
+# decided by SQNR: one or two flipped samples are within sampling noise.
+_TOP1_TIE_SAMPLES = 2
 # Share of the calibration samples held out to score the candidates when `held_out` is absent.
 _HELD_OUT_SHARE = 0.25
 _CALIBRATION_BATCH = 32
+# A min-max range this many times wider than the chosen calibration's is reported as outliers.
+_OUTLIER_RATIO = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,33 +132,115 @@ def _prepare(src: Path, work: Path, per_channel: bool) -> tuple[Path, int, int, 
     return prepared, opset, source_opset, notes
 
 
+# Ops through which the float tail of a model is followed back from its outputs: they have one
+# data input and no weights, so keeping them in float costs little.
+_TAIL_OPS = {
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "LeakyRelu",
+    "HardSigmoid",
+    "HardSwish",
+    "Softmax",
+    "LogSoftmax",
+    "Identity",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+}
+
+
 def _strip_output_qdq(path: Path) -> None:
-    """Make each graph output float again by removing the Q/DQ pair in front of it."""
+    """Keep the model's tail in float: drop Q/DQ pairs between the last weighted op and outputs.
+
+    Starting at each graph output, the walk goes back through activation and reshaping ops and
+    removes every QuantizeLinear/DequantizeLinear pair on the way, stopping at the first other
+    op (Conv, Gemm, MatMul, ...), whose inputs stay quantized.
+    """
     model = onnx.load(str(path))
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    removed = []
-    for output in graph.output:
-        dequantize = producers.get(output.name)
+
+    def producers() -> dict[str, onnx.NodeProto]:
+        return {out: node for node in graph.node for out in node.output}
+
+    def consumer_count(name: str) -> int:
+        outputs = sum(o.name == name for o in graph.output)
+        return outputs + sum(name in node.input for node in graph.node)
+
+    def pair_source(name: str) -> tuple[onnx.NodeProto, onnx.NodeProto, str] | None:
+        by_output = producers()
+        dequantize = by_output.get(name)
         if dequantize is None or dequantize.op_type != "DequantizeLinear":
-            continue
-        quantize = producers.get(dequantize.input[0])
+            return None
+        quantize = by_output.get(dequantize.input[0])
         if quantize is None or quantize.op_type != "QuantizeLinear":
-            continue
-        if consumers.get(quantize.output[0], 0) != 1:
-            continue
+            return None
         source = quantize.input[0]
-        if consumers.get(source, 0) != 1 or source not in producers:
-            continue
-        removed.extend([quantize, dequantize])
-        _onnx_graph.rename_value(model, source, output.name)
-    for node in removed:
-        graph.node.remove(node)
+        if consumer_count(quantize.output[0]) != 1 or source not in by_output:
+            return None
+        return quantize, dequantize, source
+
+    for output in graph.output:
+        name = output.name
+        while True:
+            found = pair_source(name)
+            if found is not None:
+                quantize, dequantize, source = found
+                graph.node.remove(quantize)
+                graph.node.remove(dequantize)
+                is_output = any(o.name == name for o in graph.output)
+                if is_output and consumer_count(source) == 0:
+                    _onnx_graph.rename_value(model, source, name)
+                elif is_output:
+                    graph.node.append(onnx.helper.make_node("Identity", [source], [name]))
+                    name = source
+                else:
+                    for node in graph.node:
+                        node.input[:] = [source if i == name else i for i in node.input]
+                    name = source
+                continue
+            node = producers().get(name)
+            if node is None or node.op_type not in _TAIL_OPS or consumer_count(name) != 1:
+                break
+            name = node.input[0]
     onnx.save(model, path)
+
+
+def _calibrate(
+    prepared: Path, data: np.ndarray, method: str, batch: int, cache: Path, work: Path
+) -> None:
+    """Compute activation ranges with onnxruntime's calibrators and save them to `cache`."""
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        create_calibrator,
+        save_tensors_data,
+    )
+
+    # The KL search of entropy calibration tries thresholds from num_quantized_bins / 2 bins
+    # either side of zero up to the maximum. With onnxruntime's defaults (128 and 128) that
+    # leaves only the maximum, i.e. min-max again. With 2048 and 64 the smallest threshold is
+    # 1/32 of the largest value seen, so a few outliers 100× beyond the bulk can be clipped;
+    # more bins would reach further but the search is a Python loop, slow past ~2048 bins.
+    settings = {
+        "minmax": (CalibrationMethod.MinMax, {}),
+        "percentile": (CalibrationMethod.Percentile, {"percentile": 99.99, "num_bins": 2048}),
+        "entropy": (CalibrationMethod.Entropy, {"num_bins": 2048, "num_quantized_bins": 64}),
+    }
+    calibrate_method, options = settings[method]
+    input_name = OnnxRuntime(prepared).input_names[0]
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibrator = create_calibrator(
+            prepared,
+            augmented_model_path=str(work / f"augmented_{method}.onnx"),
+            calibrate_method=calibrate_method,
+            extra_options=options,
+        )
+        calibrator.collect_data(_Reader(input_name, data, batch))
+        save_tensors_data(calibrator.compute_data(), cache)
 
 
 def _quantize_once(
@@ -173,10 +258,9 @@ def _quantize_once(
         "percentile": CalibrationMethod.Percentile,
         "entropy": CalibrationMethod.Entropy,
     }[method]
-    input_name = OnnxRuntime(prepared).input_names[0]
+    cache = dst.with_suffix(".ranges.json")
+    _calibrate(prepared, data, method, batch, cache, dst.parent)
     extra: dict[str, Any] = {"QDQKeepRemovableActivations": True}
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.99
     for attempt in range(2):
         try:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -184,13 +268,14 @@ def _quantize_once(
                 quantize_static(
                     str(prepared),
                     str(dst),
-                    _Reader(input_name, data, batch),
+                    None,
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
                     activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=calibrate,
                     extra_options=extra,
+                    calibration_cache_path=str(cache),
                 )
             break
         except ValueError as exc:
@@ -200,6 +285,7 @@ def _quantize_once(
                 raise
             logger.info("retrying quantization without the int32 bias-scale adjustment: %s", exc)
             extra["QDQDisableWeightAdjustForInt32Bias"] = True
+    cache.unlink(missing_ok=True)
     _strip_output_qdq(dst)
 
 
@@ -214,9 +300,11 @@ def _score(reference: Mapping[str, np.ndarray], path: Path, data: np.ndarray) ->
     }
 
 
-def _best(candidates: dict[str, dict[str, Any]]) -> str:
+def _best(candidates: dict[str, dict[str, Any]], samples: int) -> str:
+    """Pick the best top-1 agreement, and among near-ties the best SQNR."""
+    tie = max(0.002, _TOP1_TIE_SAMPLES / max(samples, 1))
     top = max((s["top1_agreement"] or 0.0) for s in candidates.values())
-    near = {m: s for m, s in candidates.items() if (s["top1_agreement"] or 0.0) >= top - _TOP1_TIE}
+    near = {m: s for m, s in candidates.items() if (s["top1_agreement"] or 0.0) >= top - tie}
     return max(near, key=lambda m: near[m]["sqnr_db"])
 
 
@@ -261,8 +349,10 @@ def quantize_onnx(
     recalibrate = False
     if held_out is None:
         if len(methods) > 1 and len(calibration) >= 8:
+            # A fixed shuffle, so that samples appended at the end are not all held out.
+            order = np.random.default_rng(0).permutation(len(calibration))
             split = max(1, round(len(calibration) * (1 - _HELD_OUT_SHARE)))
-            calibration, held_out = calibration[:split], calibration[split:]
+            calibration, held_out = calibration[order[:split]], calibration[order[split:]]
             recalibrate = True
         else:
             held_out = calibration
@@ -291,7 +381,12 @@ def quantize_onnx(
                 f"every calibration method failed for {src}; check that calibration matches the "
                 "model input (run with EDGEOPT_LOG_LEVEL=DEBUG for details)"
             )
-        chosen = _best(candidates)
+        chosen = _best(candidates, len(held_out))
+        if chosen != "minmax" and "minmax" in candidates:
+            note = _outlier_note(work / "minmax.onnx", work / f"{chosen}.onnx", chosen)
+            if note:
+                notes.append(note)
+                logger.warning("%s: %s", src.name, note)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if recalibrate:
             _quantize_once(prepared, dst, full_calibration, chosen, per_channel, batch)
@@ -306,6 +401,25 @@ def quantize_onnx(
         per_channel=per_channel,
         source_opset=source_opset,
         notes=notes,
+    )
+
+
+def _outlier_note(minmax_path: Path, chosen_path: Path, chosen: str) -> str | None:
+    """Describe how far outliers stretch min-max ranges beyond the chosen calibration's."""
+    minmax, robust = activation_ranges(minmax_path), activation_ranges(chosen_path)
+    ratios = {
+        name: (minmax[name][1] - minmax[name][0]) / (high - low)
+        for name, (low, high) in robust.items()
+        if name in minmax and high > low
+    }
+    if not ratios:
+        return None
+    tensor = max(ratios, key=ratios.__getitem__)
+    if ratios[tensor] <= _OUTLIER_RATIO:
+        return None
+    return (
+        f"calibration data contains outliers: min-max would widen the range of '{tensor}' "
+        f"{ratios[tensor]:.1f}× beyond {chosen} calibration, which was used instead"
     )
 
 
