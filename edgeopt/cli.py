@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -374,7 +375,14 @@ def main() -> None:
     # warnings and errors only, unless the user set these variables.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GLOG_minloglevel", "1")
+    # SIGTERM (from `kill`, a CI timeout or a container stop) becomes SystemExit, so that a
+    # run in progress removes its temporary folder as it does on Ctrl-C.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cli.main(prog_name="edgeopt")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

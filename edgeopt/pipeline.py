@@ -531,6 +531,7 @@ def run_optimize(config: OptimizeConfig, stages: list[Stage] | None = None) -> O
     from edgeopt.report import build_report, write_report
 
     out = Path(config.out).expanduser()
+    _resolve_targets(config.target)  # an unknown target fails now, not after training
     workdir = _prepare_output(out, config.overwrite)
     state = RunState(config=config, workdir=workdir)
     started = time.perf_counter()

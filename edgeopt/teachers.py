@@ -200,31 +200,34 @@ class OnnxTeacher(Teacher):
 
 
 class CNNTeacher(nn.Module):
-    """Three 3×3 conv blocks (32, 64, 128 channels) with max pooling and a linear classifier."""
+    """Three 3×3 conv blocks (32, 64, 128 channels), two max pools and a linear classifier.
+
+    The classifier sees the whole final feature map (flattened, not globally pooled), so the
+    position of strokes still counts, which matters for digits and other centred images.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int) -> None:
         super().__init__()
-        pool_first = min(height, width) >= 8
-        pool_second = min(height, width) >= 16
+        pools = 2 if min(height, width) >= 8 else (1 if min(height, width) >= 4 else 0)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
             nn.ReLU(),
+            nn.MaxPool2d(2) if pools >= 1 else nn.Identity(),
             nn.Conv2d(32, 64, 3, padding=1, bias=False),
             nn.BatchNorm2d(64),
             nn.ReLU(),
-            nn.MaxPool2d(2) if pool_first else nn.Identity(),
+            nn.MaxPool2d(2) if pools >= 2 else nn.Identity(),
             nn.Conv2d(64, 128, 3, padding=1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(),
-            nn.MaxPool2d(2) if pool_second else nn.Identity(),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(0.2)
-        self.classifier = nn.Linear(128, num_classes)
+        features = 128 * (height // 2**pools) * (width // 2**pools)
+        self.dropout = nn.Dropout(0.3)
+        self.classifier = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(self.pool(self.features(x)), 1)
+        x = torch.flatten(self.features(x), 1)
         return self.classifier(self.dropout(x))
 
 
