@@ -141,10 +141,20 @@ def _tradeoff_plot(report: dict[str, Any], target: str) -> str | None:
             points.append((entry["path"], latency, entry["accuracy"]))
     if not points:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
+    # Exports that match the PyTorch student land on one spot: label them together.
+    grouped: dict[tuple[float, float], list[str]] = {}
     for label, latency, accuracy in points:
+        grouped.setdefault((round(latency, 6), round(accuracy, 6)), []).append(label)
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for (latency, accuracy), labels in grouped.items():
         axes.scatter(latency, 100 * accuracy, s=50)
-        axes.annotate(label, (latency, 100 * accuracy), textcoords="offset points", xytext=(5, 5))
+        axes.annotate(
+            "\n".join(labels),
+            (latency, 100 * accuracy),
+            textcoords="offset points",
+            xytext=(6, -4),
+            fontsize=8,
+        )
     axes.set_xscale("log")
     axes.set_xlabel(f"median latency on {target} (ms, log scale)")
     axes.set_ylabel("test accuracy (%)")
@@ -164,9 +174,9 @@ def _training_plot(report: dict[str, Any]) -> str | None:
     curves = []
     teacher_training = report["teacher"].get("training") or {}
     if teacher_training.get("history"):
-        curves.append(("teacher", teacher_training["history"]))
+        curves.append(("teacher (cross-entropy)", teacher_training["history"]))
     if report["student"]["training"]["history"]:
-        curves.append(("student", report["student"]["training"]["history"]))
+        curves.append(("student (distillation loss)", report["student"]["training"]["history"]))
     if not curves:
         return None
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 3.5))
