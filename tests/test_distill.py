@@ -141,3 +141,30 @@ def test_distillation_follows_a_teacher_that_contradicts_labels():
     shifted_labels = (data.train.y + 1) % 10
     assert evaluate(model, data.train.x, shifted_labels) > 0.7
     assert evaluate(model, data.train.x, data.train.y) < 0.2
+
+
+def test_hint_distillation_changes_training():
+    from edgeopt.distill import _setup_hints
+    from edgeopt.teachers import CNNTeacher, TorchTeacher
+
+    data = load_data("digits", limit=300)
+    torch.manual_seed(0)
+    teacher = TorchTeacher("cnn", CNNTeacher(1, 10, 8, 8), "builtin")
+    student = build_student(StudentConfig(width=8, stages=1), data.input_shape, 10)
+    parts = _setup_hints(student, teacher, data, TrainConfig(hint_weight=1.0))
+    try:
+        # The student's last feature map is 16×4×4 (ReLU6 after one stride-2 stage) and the
+        # teacher's is 128×2×2, so the adapter maps 16 channels to 128.
+        assert parts["adapter"].project.in_channels == 16
+        assert parts["adapter"].project.out_channels == 128
+    finally:
+        parts["student_tap"].remove()
+        parts["teacher_tap"].remove()
+
+    weights = {}
+    for hint_weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_student(StudentConfig(width=8, stages=1), data.input_shape, 10)
+        train(model, data, teacher=teacher, config=TrainConfig(epochs=2, hint_weight=hint_weight))
+        weights[hint_weight] = model.stem[0].weight.detach().clone()
+    assert not torch.equal(weights[0.0], weights[1.0])
