@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgeopt.converters.convert import ConversionResult, convert
+from edgeopt.converters.conversion import ConversionResult, convert
 from edgeopt.converters.onnx_export import OnnxExport, export_onnx
 from edgeopt.converters.quantize import OnnxQuantization, quantize_onnx
 from edgeopt.converters.runtime import ModelRuntime, open_runtime

@@ -120,14 +120,20 @@ def eval_mode(model: nn.Module, purpose: str, warn: bool = True) -> Iterator[nn.
     outputs then differ from the exported model's (dropout, batch statistics).
     """
     modes = {module: module.training for module in model.modules()}
-    if warn and any(modes.values()):
+    try:
+        model.eval()
+        switched = any(modes.values())
+    except NotImplementedError:
+        # Graph modules loaded from torch.export files reject eval(); they keep the mode they
+        # were exported in.
+        switched = False
+    if warn and switched:
         message = (
             f"the model was in train() mode; {purpose} uses eval() mode (running statistics, "
             "no dropout) and the model's mode is restored afterwards"
         )
         warnings.warn(message, ExportWarning, stacklevel=3)
         logger.warning("%s", message)
-    model.eval()
     try:
         yield model
     finally:

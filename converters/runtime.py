@@ -76,7 +76,7 @@ class ModelRuntime(abc.ABC):
                 self.fixed_batch,
                 batch_size,
             )
-        results: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
+        results: dict[str, list[np.ndarray]] = {}
         for start in range(0, max(count, 1), chunk):
             part = {name: array[start : start + chunk] for name, array in feed.items()}
             rows = next(iter(part.values())).shape[0]
@@ -86,6 +86,7 @@ class ModelRuntime(abc.ABC):
             outputs = self._run_chunk(part)
             for name in self.output_names:
                 value = outputs[name]
+                results.setdefault(name, [])
                 if self.fixed_batch and value.ndim and value.shape[0] == self.fixed_batch:
                     value = value[:rows]
                 results[name].append(value)
@@ -272,7 +273,6 @@ class TorchRuntime(ModelRuntime):
         model: nn.Module,
         input_names: Sequence[str] | None = None,
         path: Path | None = None,
-        example: np.ndarray | None = None,
     ) -> None:
         self.model = model
         self.path = path
@@ -280,9 +280,8 @@ class TorchRuntime(ModelRuntime):
         self.input_names = list(input_names or ["input"])
         self.input_shapes = {}
         self.input_dtypes = {name: np.dtype(np.float32) for name in self.input_names}
+        # Filled from the first run, because the output structure is known only then.
         self.output_names = []
-        if example is not None:
-            self.output_names = list(self._run_chunk({self.input_names[0]: example[:1]}))
 
     def _run_chunk(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values())

@@ -178,7 +178,7 @@ def as_runtime(model: ModelLike, data: np.ndarray, threads: int = 1) -> ModelRun
     if isinstance(model, ModelRuntime):
         return model
     if isinstance(model, nn.Module):
-        return TorchRuntime(model, example=np.asarray(data[:1], dtype=np.float32))
+        return TorchRuntime(model)
     if isinstance(model, (str, Path)):
         return open_runtime(model, threads=threads)
     raise EdgeoptInputError(

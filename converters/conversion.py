@@ -227,6 +227,9 @@ def convert(
             threads,
             measure_int8_latency,
         )
+    if kind == "pt2" and example_input is None:
+        # A torch.export program may be specialised to its example's batch size.
+        batch_size = _pt2_batch_size(Path(model)) or batch_size
     example = _example(example_input, calibration, verify_data, batch_size)
     if verify_data is None:
         verify_data = example.numpy()
@@ -264,6 +267,15 @@ def convert(
         threads,
         measure_int8_latency,
     )
+
+
+def _pt2_batch_size(path: Path) -> int | None:
+    """Return the batch size of the example stored in a `.pt2` file, if it has one."""
+    program = torch.export.load(str(path))
+    args = (getattr(program, "example_inputs", None) or ((), {}))[0]
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim():
+        return int(args[0].shape[0])
+    return None
 
 
 def _fp32_sibling(out: Path) -> Path:
