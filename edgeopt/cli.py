@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import click
 import edgeopt
 from edgeopt._logging import configure_cli_logging, get_logger
 from edgeopt._progress import set_progress
-from edgeopt.errors import EdgeoptError, EdgeoptInputError
+from edgeopt.errors import EdgeoptError, EdgeoptInputError, EdgeoptWarning
 
 logger = get_logger(__name__)
 
@@ -249,15 +250,6 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
 # --- convert and verify -------------------------------------------------------------------
 
 
-def _calibration_array(spec: str | None, samples: int, scale: float, seed: int) -> Any:
-    if spec is None:
-        return None
-    from edgeopt.data import load_data
-
-    data = load_data(spec, seed=seed)
-    return data.train.x[:samples] * scale
-
-
 @cli.command()
 @click.argument("model")
 @click.option("--to", "target_format", type=click.Choice(["onnx", "tflite"]), required=True)
@@ -267,7 +259,14 @@ def _calibration_array(spec: str | None, samples: int, scale: float, seed: int) 
     default="fp32",
     show_default=True,
 )
-@click.option("--calibration", help="Data spec for int8 calibration (as --data of optimize).")
+@click.option(
+    "--data",
+    "data_spec",
+    help="Data spec (as --data of optimize) whose test split verifies the file and gives the "
+    "input shape. Default: the --calibration data.",
+)
+@click.option("--label", help="Label column of csv:FILE data.")
+@click.option("--calibration", help="Data spec for int8 calibration (its training split).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
     "--input-scale",
@@ -284,6 +283,8 @@ def convert(
     model: str,
     target_format: str,
     precision: str,
+    data_spec: str | None,
+    label: str | None,
     calibration: str | None,
     calibration_samples: int,
     input_scale: float,
@@ -293,24 +294,37 @@ def convert(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Convert MODEL (a model file or package.module:callable) to ONNX or TFLite and verify it."""
+    """Convert MODEL (.onnx, .pt2, TorchScript .pt) to ONNX or TFLite and verify the file."""
     from edgeopt import converters
+    from edgeopt.data import load_data
 
-    calibration_data = _calibration_array(calibration, calibration_samples, input_scale, seed)
+    data_spec = data_spec or calibration
+    if data_spec is None:
+        raise EdgeoptInputError(
+            "convert needs data to verify the file and to know the input shape: add --data "
+            "DATA (for example --data digits)"
+        )
+    data = load_data(data_spec, seed=seed, label=label)
+    calibration_data = None
+    if calibration is not None:
+        calibration_set = data if calibration == data_spec else load_data(calibration, seed=seed)
+        calibration_data = calibration_set.train.x[:calibration_samples] * input_scale
     result = converters.convert(
         model,
         to=target_format,
         precision=precision,
         calibration=calibration_data,
+        verify_data=data.test.x[:512] * input_scale,
+        labels=data.test.y[:512],
         opset=opset,
         out=out,
     )
-    payload = result.as_dict() if hasattr(result, "as_dict") else {"path": str(out)}
+    payload = result.as_dict()
     if as_json:
         _print_json(payload)
     elif not quiet:
+        _print_json(payload)
         click.echo(f"Wrote {out}")
-        _print_json(payload.get("verification", {}))
 
 
 @cli.command()
@@ -378,6 +392,8 @@ def main() -> None:
     # SIGTERM (from `kill`, a CI timeout or a container stop) becomes SystemExit, so that a
     # run in progress removes its temporary folder as it does on Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # edgeopt logs every warning it issues, so the `warnings` copy would print it twice.
+    warnings.filterwarnings("ignore", category=EdgeoptWarning)
     cli.main(prog_name="edgeopt")
 
 
