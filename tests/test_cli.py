@@ -158,3 +158,52 @@ def test_sigterm_removes_the_partial_run(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+@pytest.fixture
+def small_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)
+    ).eval()
+    path = tmp_path / "small.onnx"
+    export_onnx(model, torch.zeros(1, 1, 8, 8), path)
+    return path
+
+
+def test_convert_onnx_to_int8_reports_verification(tmp_path, small_onnx):
+    out = tmp_path / "small_int8.onnx"
+    result = invoke(
+        "convert",
+        small_onnx,
+        "--to",
+        "onnx",
+        "--precision",
+        "int8",
+        "--calibration",
+        "digits",
+        "--out",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["path"] == str(out)
+    assert out.is_file()
+    assert payload["verification"]["samples"] == 360
+    assert payload["verification"]["top1_agreement"] >= 0.95
+    assert payload["size_bytes"]["int8"] < payload["size_bytes"]["fp32"]
+
+
+def test_convert_without_data_is_an_input_error(tmp_path, small_onnx):
+    result = invoke("convert", small_onnx, "--to", "onnx", "--out", tmp_path / "x.onnx")
+    assert result.exit_code == 2
+    assert "add --data DATA" in result.stderr
+
+
+def test_verify_identical_models(small_onnx):
+    result = invoke("verify", small_onnx, small_onnx, "--data", "digits", "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["max_abs_diff"] == 0.0
+    assert payload["top1_agreement"] == 1.0

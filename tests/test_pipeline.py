@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from edgeopt.converters import open_runtime
 
 import edgeopt
+from edgeopt.converters import open_runtime
 from edgeopt.data import load_data
 from edgeopt.distill import TrainConfig, predict
 from edgeopt.pipeline import LoadDataStage, OptimizeConfig, Stage, run_optimize

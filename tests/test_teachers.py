@@ -8,9 +8,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from edgeopt.converters import export_onnx
 from torch import nn
 
+from edgeopt.converters import export_onnx
 from edgeopt.data import load_data
 from edgeopt.distill import TrainConfig, predict
 from edgeopt.errors import DataError, EdgeoptInputError, ModelLoadError
