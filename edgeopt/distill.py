@@ -76,7 +76,10 @@ class TrainConfig:
         temperature: KD temperature T.
         alpha: weight of the soft (teacher) term; 1 − alpha weights the hard labels.
         hint_weight: weight of the FitNets hint term; 0 turns hints off.
-        patience: epochs without a better validation accuracy before stopping early.
+        patience: epochs without a better validation accuracy before stopping early. Stopping
+            is considered only in the second half of the epochs, once the one-cycle schedule
+            has begun to lower the learning rate, because the last low-rate epochs are where
+            validation accuracy usually still rises.
         augment: random ±1 pixel shifts of image inputs. Teacher outputs are then computed for
             every batch instead of once.
     """
@@ -320,7 +323,7 @@ def train(
                     stale = 0
                 else:
                     stale += 1
-                    if stale >= config.patience:
+                    if stale >= config.patience and epoch >= config.epochs // 2:
                         logger.info(
                             "%s: stopping early after epoch %d (best validation accuracy "
                             "%.2f%% at epoch %d)",
