@@ -16,7 +16,7 @@ from edgeopt.errors import ConversionError, EdgeoptInputError, ExportWarning
 
 logger = get_logger(__name__)
 
-# Written into every exported file so that a consumer knows how to feed the model.
+# Metadata key for the input layout (e.g. NCHW), written into every exported file.
 INPUT_LAYOUT_KEY = "edgeopt.input_layout"
 
 
@@ -59,8 +59,8 @@ def input_layout(inputs: Sequence[torch.Tensor]) -> str:
 def flatten_outputs(output: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     """Flatten a model output into (name, tensor) pairs in torch.export's pytree order.
 
-    A tensor is named `output`; a dict uses its keys, a named tuple its fields and a tuple or
-    list `output_0`, `output_1`, ...; nested containers join the names with dots.
+    A tensor is named `output`. A dict uses its keys, a named tuple its fields, and a tuple or
+    list `output_0`, `output_1`, and so on. Nested containers join the names with dots.
     """
     if isinstance(output, torch.Tensor):
         return [(prefix or "output", output)]

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 from edgeopt.errors import ConversionError
 
 # Before opset 13, Softmax, LogSoftmax and Hardmax flatten the input to 2-D at `axis` and
-# normalise over all trailing dimensions together; from opset 13 they normalise over `axis` only.
+# normalise over all trailing dimensions together. From opset 13 they normalise over `axis` only.
 SOFTMAX_FAMILY = ("Softmax", "LogSoftmax", "Hardmax")
 
 
@@ -77,10 +77,10 @@ def set_output_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
     for index, (old, new) in enumerate(zip(old_names, names, strict=True)):
         if old == new:
             continue
-        taken = _all_value_names(graph)
+        used_names = _all_value_names(graph)
         produced_by_node = any(old in node.output for node in graph.node)
         shared = old_names.count(old) > 1
-        if produced_by_node and not shared and new not in taken:
+        if produced_by_node and not shared and new not in used_names:
             rename_value(model, old, new)
             old_names[index] = new
             continue
@@ -201,9 +201,9 @@ def deduplicate_initializers(model: onnx.ModelProto, min_bytes: int = 1024) -> l
         for node in sub.node:
             node.input[:] = [replacements.get(name, name) for name in node.input]
     removed = set(replacements) | set(transposed)
-    kept = [init for init in graph.initializer if init.name not in removed]
+    remaining = [init for init in graph.initializer if init.name not in removed]
     del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.initializer.extend(remaining)
     graph_inputs = [value for value in graph.input if value.name not in removed]
     del graph.input[:]
     graph.input.extend(graph_inputs)

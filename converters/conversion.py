@@ -39,7 +39,7 @@ _DEFAULT_VERIFY_SAMPLES = 256
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """What `convert` wrote, how closely it matches the source and how fast it runs."""
+    """Result of `convert`: the written file, its verification report, latencies and sizes."""
 
     path: Path
     format: str

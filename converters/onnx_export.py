@@ -176,8 +176,8 @@ def _drop_attributes_unknown_at_opset(model_proto: onnx.ModelProto, opset: int) 
     """Remove attributes that the version converter carried over from a later opset.
 
     The converter keeps, for example, ReduceMean's `noop_with_empty_axes` (added in opset 18)
-    when lowering. Such an attribute is dropped only when it holds its default value, where the
-    older operator behaves the same; any other value raises RuntimeError.
+    when lowering. Such an attribute is dropped only when it has its default value, because the
+    older operator then behaves the same. Any other value raises RuntimeError.
     """
     for node in model_proto.graph.node:
         if node.domain not in ("", "ai.onnx"):

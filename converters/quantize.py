@@ -222,8 +222,8 @@ def _calibrate(
     # The KL search of entropy calibration tries thresholds from num_quantized_bins / 2 bins
     # either side of zero up to the maximum. With onnxruntime's defaults (128 and 128) that
     # leaves only the maximum, i.e. min-max again. With 2048 and 64 the smallest threshold is
-    # 1/32 of the largest value seen, so a few outliers 100× beyond the bulk can be clipped;
-    # more bins would reach further but the search is a Python loop, slow past ~2048 bins.
+    # 1/32 of the largest value seen, so a few outliers 100× beyond the bulk can be clipped. More
+    # bins would reach further, but the search is a Python loop that gets slow past ~2048 bins.
     settings = {
         "minmax": (CalibrationMethod.MinMax, {}),
         "percentile": (CalibrationMethod.Percentile, {"percentile": 99.99, "num_bins": 2048}),

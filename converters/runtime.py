@@ -152,7 +152,7 @@ class OnnxRuntime(ModelRuntime):
 
     kind = "onnx"
 
-    def __init__(self, path: Path, threads: int = 1, extra_outputs: bool = False) -> None:
+    def __init__(self, path: Path, threads: int = 1) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()

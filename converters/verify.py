@@ -58,6 +58,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
         )
     nonfinite = int(np.size(candidate) - np.isfinite(candidate).sum())
     diff = np.abs(reference - candidate)
+
     if reference.size == 0:
         return OutputComparison(name, reference.shape, 0.0, 0.0, 1.0, math.inf, None, 0)
     signal = float(np.sum(reference**2))
@@ -73,6 +74,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
         cosine = 1.0 if np.array_equal(reference, candidate) else 0.0
     else:
         cosine = float(np.sum(reference * candidate) / norms)
+
     top1 = None
     if reference.ndim == 2 and reference.shape[1] > 1:
         top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
@@ -211,8 +213,8 @@ def verify(
 ) -> VerificationReport:
     """Run `reference` and `candidate` on `data` and compare their outputs by name.
 
-    Modules run in eval() mode and get their own mode back afterwards (an `ExportWarning` says
-    when a module was in train() mode); verification never updates BatchNorm statistics.
+    Modules run in eval() mode and get their own mode back afterwards, with an `ExportWarning`
+    when a module was in train() mode. Verification does not update BatchNorm statistics.
 
     Args:
         reference: The model to trust: an nn.Module, a `.onnx`/`.tflite`/`.pt`/`.pt2` path or a
@@ -280,9 +282,9 @@ def compare_layers(
 ) -> list[LayerComparison]:
     """Compare every float intermediate tensor that both ONNX graphs name the same way.
 
-    For a QDQ candidate the tensor is read before its own QuantizeLinear, so each entry shows the
-    error accumulated from the inputs and weights of that layer and of all earlier ones (reading
-    after the DequantizeLinear would show clipping that a following ReLU removes anyway). Tensors
+    For a QDQ candidate the tensor is read before its own QuantizeLinear. Each entry then shows
+    the error accumulated from the inputs and weights of that layer and all earlier ones. Reading
+    after the DequantizeLinear would show clipping that a following ReLU removes anyway. Tensors
     are listed in the reference graph's order.
     """
     if not (isinstance(reference, OnnxRuntime) and isinstance(candidate, OnnxRuntime)):

@@ -110,8 +110,8 @@ def test_mnist_onnx_int8_agreement(mnist_onnx, mnist, tmp_path):
     assert report.top1_agreement >= 0.99
     assert report.reference_accuracy >= 0.98
     assert report.candidate_accuracy >= report.reference_accuracy - 0.005
-    # NOTE: mnist.onnx has 5,998 parameters (24 kB); the graph's fixed overhead keeps int8 near
-    # 1.8× smaller, so the 3.5× size ratio is tested on the CNN above.
+    # NOTE: mnist.onnx has only 5,998 parameters (24 kB), so the graph's fixed overhead keeps the
+    # int8 file about 1.8× smaller. The 3.5× size ratio is tested on the CNN above.
     ratio = mnist_onnx.stat().st_size / result.path.stat().st_size
     assert ratio >= 1.5
 

@@ -135,19 +135,19 @@ def test_dynamic_batch_from_batch1_example(shuffle, tmp_path):
 class PythonIntBatch(nn.Module):
     """Reads the batch size as a Python int, which a tracer may turn into a constant."""
 
-    def __init__(self, how: str) -> None:
+    def __init__(self, batch_source: str) -> None:
         super().__init__()
-        self.how = how
+        self.batch_source = batch_source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = int(x.shape[0]) if self.how == "int" else len(x)
+        batch = int(x.shape[0]) if self.batch_source == "int" else len(x)
         return x.reshape(batch, -1).cumsum(dim=1)
 
 
-@pytest.mark.parametrize("how", ["int", "len"])
+@pytest.mark.parametrize("batch_source", ["int", "len"])
 @pytest.mark.parametrize("opset", [18, 13])
-def test_python_int_batch_runs_or_fails_loudly(how, opset, tmp_path):
-    model = PythonIntBatch(how)
+def test_python_int_batch_runs_or_fails_loudly(batch_source, opset, tmp_path):
+    model = PythonIntBatch(batch_source)
     try:
         export = export_onnx(model, torch.randn(1, 3, 4), tmp_path / "int.onnx", opset=opset)
     except ConversionError as exc:
