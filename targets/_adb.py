@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from edgeopt.targets._base import Target
-from edgeopt.targets._stats import LatencyStats
 
 from edgeopt._logging import get_logger
 from edgeopt.errors import EdgeoptInputError, TargetError
+from edgeopt.targets._base import Target
+from edgeopt.targets._stats import LatencyStats
 
 logger = get_logger(__name__)
 

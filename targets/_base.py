@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeopt.targets._runners import RUNTIME_SUFFIX, check_model_file
-from edgeopt.targets._stats import LatencyStats
 
 from edgeopt.errors import TargetError
+from edgeopt.targets._runners import RUNTIME_SUFFIX, check_model_file
+from edgeopt.targets._stats import LatencyStats
 
 LATENCY_SOURCES = ("measured-local", "measured-device", "predicted")
 PRECISIONS = ("fp32", "int8", "any")

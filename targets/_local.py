@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from edgeopt.targets._base import Target
 from edgeopt.targets._measure import measure_latency
 from edgeopt.targets._runners import default_threads

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from edgeopt.targets._runners import check_model_file, open_session, runtime_for_path
-from edgeopt.targets._stats import LatencyStats, median_relative_error, summarize
 
 from edgeopt._logging import get_logger
 from edgeopt.errors import EdgeoptInputError
+from edgeopt.targets._runners import check_model_file, open_session, runtime_for_path
+from edgeopt.targets._stats import LatencyStats, median_relative_error, summarize
 
 logger = get_logger(__name__)
 

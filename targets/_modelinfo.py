@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeopt.targets._runners import check_model_file, runtime_for_path
 
 from edgeopt.errors import ModelLoadError
+from edgeopt.targets._runners import check_model_file, runtime_for_path
 
 
 @dataclass

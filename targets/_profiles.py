@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeopt.targets._base import Target
-from edgeopt.targets._modelinfo import ModelInfo, inspect_model
-from edgeopt.targets._stats import LatencyStats
 
 from edgeopt._logging import get_logger
 from edgeopt.errors import TargetError
+from edgeopt.targets._base import Target
+from edgeopt.targets._modelinfo import ModelInfo, inspect_model
+from edgeopt.targets._stats import LatencyStats
 
 logger = get_logger(__name__)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from edgeopt.errors import TargetError
 from edgeopt.targets._adb import adb_targets
 from edgeopt.targets._base import Target
 from edgeopt.targets._local import local_targets
 from edgeopt.targets._profiles import PredictedTarget, device_profiles
-
-from edgeopt.errors import TargetError
 
 
 def list_targets() -> list[Target]:

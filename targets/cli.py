@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from edgeopt.targets._modelinfo import inspect_model
-from edgeopt.targets._registry import get_target, list_targets
 
 from edgeopt.errors import ModelLoadError
+from edgeopt.targets._modelinfo import inspect_model
+from edgeopt.targets._registry import get_target, list_targets
 
 _JSON_HELP = "Print the result as JSON on stdout."
 _QUIET_HELP = "Print only the essential result (and warnings)."

@@ -4,10 +4,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from edgeopt.targets import get_target
-from edgeopt.targets._adb import AdbTarget, parse_benchmark_output, to_latency_stats
 
 from edgeopt.errors import TargetError
+from edgeopt.targets import get_target
+from edgeopt.targets._adb import AdbTarget, parse_benchmark_output, to_latency_stats
 
 DATA = Path(__file__).parent / "data"
 

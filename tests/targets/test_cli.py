@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from edgeopt.targets.cli import profile_command, targets_group
 
 from edgeopt.errors import ModelLoadError, TargetError
+from edgeopt.targets.cli import profile_command, targets_group
 
 
 def test_list_json() -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from edgeopt.errors import EdgeoptInputError, ModelLoadError, TargetError
 from edgeopt.targets import get_target, measure_latency
 from edgeopt.targets._runners import InputSpec
 from edgeopt.targets._stats import median_relative_error
-
-from edgeopt.errors import EdgeoptInputError, ModelLoadError, TargetError
 
 from .conftest import INPUT_SHAPE
 

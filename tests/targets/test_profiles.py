@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from edgeopt.metrics import count_macs
 from edgeopt.targets import (
     device_profiles,
     get_target,
@@ -14,8 +16,6 @@ from edgeopt.targets import (
     roofline,
 )
 from edgeopt.targets._profiles import PROFILE_DIR
-
-from edgeopt.metrics import count_macs
 
 from .conftest import INPUT_SHAPE
 

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import edgeopt.targets as targets
 import pytest
-from edgeopt.targets import get_target, list_targets
 
+import edgeopt.targets as targets
 from edgeopt.errors import EdgeoptInputError, TargetError
+from edgeopt.targets import get_target, list_targets
 
 LOCAL_NAMES = ["onnxruntime-cpu", "onnxruntime-cpu-mt", "litert-xnnpack", "litert-xnnpack-mt"]
 
