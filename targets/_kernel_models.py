@@ -7,6 +7,10 @@ its output in the tests): BatchNorm folded into the bias, ReLU/ReLU6 fused, a co
 one-channel input as DEPTHWISE_CONV_2D with a depth multiplier, and an explicit PAD before a
 VALID convolution where TFLite's SAME padding would differ from torch's symmetric padding.
 Inputs are NHWC, as inside a converted model.
+
+With `copies` > 1 a model runs the kernel that many times side by side, each copy on the same
+inputs with its own weights and its own output, so the difference between the times of a
+many-copy and a one-copy model is the kernel's cost inside a model, without the invoke overhead.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from edgeopt.targets._kernels import Kernel
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}
@@ -119,49 +124,64 @@ class _FlatbufferModel:
         return bytes(builder.Output())
 
 
-def build_tflite_kernel(kernel: Kernel) -> bytes:
-    """Return a float32 TFLite model that runs `kernel` alone, as litert-torch would lower it."""
+def build_tflite_kernel(kernel: Kernel, copies: int = 1) -> bytes:
+    """Return a float32 TFLite model of `kernel` × `copies`, lowered as litert-torch lowers it."""
     from ai_edge_litert import schema_py_generated as schema
 
+    if copies < 1:
+        raise ValueError(f"invalid copies={copies}: use 1 or more")
     model = _FlatbufferModel(schema)
     if kernel.op == "linear":
         source = model.tensor([1, kernel.in_channels])
-        weight = model.weights([kernel.out_channels, kernel.in_channels])
-        bias = model.tensor([kernel.out_channels], np.zeros(kernel.out_channels, np.float32))
-        output = model.tensor([1, kernel.out_channels])
-        options = schema.FullyConnectedOptionsT()
-        options.fusedActivationFunction = _ACTIVATION_CODES[kernel.activation]
-        options.keepNumDims = True
-        model.operator(
-            "FULLY_CONNECTED",
-            [source, weight, bias],
-            [output],
-            schema.BuiltinOptions.FullyConnectedOptions,
-            options,
-        )
-        return model.serialize([source], [output])
+        outputs = [_add_linear(model, schema, kernel, source) for _ in range(copies)]
+        return model.serialize([source], outputs)
 
     shape = [1, kernel.height, kernel.width, kernel.in_channels]
     source = model.tensor(shape)
     if kernel.op == "add":
         other = model.tensor(shape)
-        output = model.tensor(shape)
-        options = schema.AddOptionsT()
-        options.potScaleInt16 = True
-        model.operator("ADD", [source, other], [output], schema.BuiltinOptions.AddOptions, options)
-        return model.serialize([source, other], [output])
+        outputs = []
+        for _ in range(copies):
+            output = model.tensor(shape)
+            options = schema.AddOptionsT()
+            options.potScaleInt16 = True
+            model.operator(
+                "ADD", [source, other], [output], schema.BuiltinOptions.AddOptions, options
+            )
+            outputs.append(output)
+        return model.serialize([source, other], outputs)
     if kernel.op == "mean":
-        axes = model.tensor([2], np.asarray([1, 2], np.int32), dtype=schema.TensorType.INT32)
-        output = model.tensor([1, kernel.in_channels])
-        options = schema.ReducerOptionsT()
-        options.keepDims = False
-        model.operator(
-            "MEAN", [source, axes], [output], schema.BuiltinOptions.ReducerOptions, options
-        )
-        return model.serialize([source], [output])
+        outputs = [_add_mean(model, schema, kernel, source) for _ in range(copies)]
+        return model.serialize([source], outputs)
 
-    output = _add_convolution(model, schema, kernel, source)
-    return model.serialize([source], [output])
+    outputs = [_add_convolution(model, schema, kernel, source) for _ in range(copies)]
+    return model.serialize([source], outputs)
+
+
+def _add_linear(model: _FlatbufferModel, schema: object, kernel: Kernel, source: int) -> int:
+    weight = model.weights([kernel.out_channels, kernel.in_channels])
+    bias = model.tensor([kernel.out_channels], np.zeros(kernel.out_channels, np.float32))
+    output = model.tensor([1, kernel.out_channels])
+    options = schema.FullyConnectedOptionsT()
+    options.fusedActivationFunction = _ACTIVATION_CODES[kernel.activation]
+    options.keepNumDims = True
+    model.operator(
+        "FULLY_CONNECTED",
+        [source, weight, bias],
+        [output],
+        schema.BuiltinOptions.FullyConnectedOptions,
+        options,
+    )
+    return output
+
+
+def _add_mean(model: _FlatbufferModel, schema: object, kernel: Kernel, source: int) -> int:
+    axes = model.tensor([2], np.asarray([1, 2], np.int32), dtype=schema.TensorType.INT32)
+    output = model.tensor([1, kernel.in_channels])
+    options = schema.ReducerOptionsT()
+    options.keepDims = False
+    model.operator("MEAN", [source, axes], [output], schema.BuiltinOptions.ReducerOptions, options)
+    return output
 
 
 def _add_convolution(model: _FlatbufferModel, schema: object, kernel: Kernel, source: int) -> int:
@@ -198,11 +218,17 @@ def _add_convolution(model: _FlatbufferModel, schema: object, kernel: Kernel, so
     return output
 
 
-def build_onnx_kernel(kernel: Kernel) -> bytes:
-    """Return a float32 ONNX model (opset 18, NCHW input) that runs `kernel` alone."""
+def build_onnx_kernel(kernel: Kernel, copies: int = 1) -> bytes:
+    """Return a float32 ONNX model (opset 18, NCHW input) that runs `kernel` `copies` times.
+
+    Copies of "add" are chained (each adds the second input to the previous sum), because ONNX
+    Runtime's common-subexpression elimination would merge identical adds of the same inputs.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if copies < 1:
+        raise ValueError(f"invalid copies={copies}: use 1 or more")
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
@@ -215,50 +241,73 @@ def build_onnx_kernel(kernel: Kernel) -> bytes:
         return constant(name, (_WEIGHT_SCALE * rng.standard_normal(shape)).astype(np.float32))
 
     if kernel.op == "linear":
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, kernel.in_channels])]
-        weight = weights("w", [kernel.out_channels, kernel.in_channels])
-        bias = constant("b", np.zeros(kernel.out_channels, np.float32))
-        nodes.append(helper.make_node("Gemm", ["x", weight, bias], ["y0"], transB=1))
+        in_shape = [1, kernel.in_channels]
         out_shape = [1, kernel.out_channels]
     else:
-        shape = [1, kernel.in_channels, kernel.height, kernel.width]
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)]
+        in_shape = [1, kernel.in_channels, kernel.height, kernel.width]
         if kernel.op == "add":
-            inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, shape))
-            nodes.append(helper.make_node("Add", ["x", "x2"], ["y0"]))
-            out_shape = shape
+            out_shape = in_shape
         elif kernel.op == "mean":
-            axes = constant("axes", np.asarray([2, 3], np.int64))
-            nodes.append(helper.make_node("ReduceMean", ["x", axes], ["y0"], keepdims=0))
             out_shape = [1, kernel.in_channels]
+        else:
+            out_shape = [1, kernel.out_channels, kernel.out_height, kernel.out_width]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)]
+    if kernel.op == "add":
+        inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, in_shape))
+
+    results = []
+    for copy in range(copies):
+        suffix = f"_{copy}"
+        raw = f"y0{suffix}"
+        if kernel.op == "linear":
+            weight = weights(f"w{suffix}", [kernel.out_channels, kernel.in_channels])
+            bias = constant(f"b{suffix}", np.zeros(kernel.out_channels, np.float32))
+            nodes.append(helper.make_node("Gemm", ["x", weight, bias], [raw], transB=1))
+        elif kernel.op == "add":
+            previous = results[-1] if results else "x"
+            nodes.append(helper.make_node("Add", [previous, "x2"], [raw]))
+        elif kernel.op == "mean":
+            axes = constant(f"axes{suffix}", np.asarray([2, 3], np.int64))
+            nodes.append(helper.make_node("ReduceMean", ["x", axes], [raw], keepdims=0))
         else:
             groups = kernel.in_channels if kernel.op == "depthwise" else 1
             size = kernel.kernel_size
-            weight = weights("w", [kernel.out_channels, kernel.in_channels // groups, size, size])
-            bias = constant("b", np.zeros(kernel.out_channels, np.float32))
+            weight = weights(
+                f"w{suffix}", [kernel.out_channels, kernel.in_channels // groups, size, size]
+            )
+            bias = constant(f"b{suffix}", np.zeros(kernel.out_channels, np.float32))
             nodes.append(
                 helper.make_node(
                     "Conv",
                     ["x", weight, bias],
-                    ["y0"],
+                    [raw],
                     kernel_shape=[size, size],
                     strides=[kernel.stride] * 2,
                     pads=[kernel.padding] * 4,
                     group=groups,
                 )
             )
-            out_shape = [1, kernel.out_channels, kernel.out_height, kernel.out_width]
-    result = "y0"
-    if kernel.activation == "relu":
-        nodes.append(helper.make_node("Relu", ["y0"], ["y"]))
-        result = "y"
-    elif kernel.activation == "relu6":
-        low = constant("low", np.asarray(0.0, np.float32))
-        high = constant("high", np.asarray(6.0, np.float32))
-        nodes.append(helper.make_node("Clip", ["y0", low, high], ["y"]))
-        result = "y"
-    outputs = [helper.make_tensor_value_info(result, TensorProto.FLOAT, out_shape)]
+        results.append(_add_onnx_activation(nodes, constant, kernel.activation, raw, suffix))
+    outputs = [
+        helper.make_tensor_value_info(result, TensorProto.FLOAT, out_shape) for result in results
+    ]
     graph = helper.make_graph(nodes, "kernel", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     return model.SerializeToString()
+
+
+def _add_onnx_activation(nodes: list, constant, activation: str, source: str, suffix: str) -> str:
+    """Append the node of `activation` after `source`; return the name of the result."""
+    from onnx import helper
+
+    if activation == "none":
+        return source
+    result = f"y{suffix}"
+    if activation == "relu":
+        nodes.append(helper.make_node("Relu", [source], [result]))
+    else:
+        low = constant(f"low{suffix}", np.asarray(0.0, np.float32))
+        high = constant(f"high{suffix}", np.asarray(6.0, np.float32))
+        nodes.append(helper.make_node("Clip", [source, low, high], [result]))
+    return result

@@ -1,10 +1,14 @@
 """Look-up-table latency predictor: a model's latency is the sum of its kernels' latencies.
 
-`calibrate(target)` times every kernel that the student search space produces (for the default
-input shapes: the digits 1×8×8 and MNIST 1×28×28) as a one-kernel model on a local target, then
-fits the per-model overhead by least squares on a few whole students exported with the real
-converter. `LatencyPredictor.predict(model, input_shape)` walks a torch model, looks up each
-kernel and returns the estimate with a per-kernel breakdown. Kernels missing from the table are
+`calibrate(target)` takes every kernel that the student search space produces (for the default
+input shapes: the digits 1×8×8 and MNIST 1×28×28) and times two models of it on a local target:
+one copy and `KERNEL_COPIES` copies side by side. The difference divided by `KERNEL_COPIES - 1`
+is the kernel's cost inside a model, free of the invoke overhead that a one-kernel model pays.
+The per-model overhead is then fitted by least squares on a few whole students exported with
+the real converter. All these models are timed interleaved (`time_interleaved`), so a change of
+the shared machine's speed during calibration hits kernels and students alike.
+`LatencyPredictor.predict(model, input_shape)` walks a torch model, looks up each kernel and
+returns the estimate with a per-kernel breakdown. Kernels missing from the table are
 interpolated from kernels of the same op and flagged.
 """
 
@@ -24,10 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from edgeopt.targets._kernel_models import build_onnx_kernel, build_tflite_kernel
-from edgeopt.targets._kernels import Kernel, extract_kernels
-from edgeopt.targets._measure import measure_latency
-from edgeopt.targets._runners import RUNTIME_SUFFIX, runtime_version
 from torch import nn
 
 from edgeopt._logging import get_logger
@@ -40,19 +40,26 @@ from edgeopt.students import (
     max_stages,
     sample_config,
 )
+from edgeopt.targets._interleaved import fast_latency_ms, time_interleaved
+from edgeopt.targets._kernel_models import build_onnx_kernel, build_tflite_kernel
+from edgeopt.targets._kernels import Kernel, extract_kernels
+from edgeopt.targets._runners import RUNTIME_SUFFIX, runtime_version
 
 logger = get_logger(__name__)
 
-SCHEMA_VERSION = 1
+# Version 2: kernel latencies are in-model costs from one-copy and many-copy models.
+SCHEMA_VERSION = 2
 DEFAULT_INPUT_SHAPES: tuple[tuple[int, ...], ...] = ((1, 8, 8), (1, 28, 28))
 NUM_CLASSES = 10
 # Seed of the whole students the overhead is fitted on; benchmarks draw with other seeds.
 CALIBRATION_SEED = 7
 CALIBRATION_MODELS_PER_SHAPE = 8
 QUICK_CALIBRATION_MODELS_PER_SHAPE = 2
-KERNEL_BUDGET_S = 0.1
-QUICK_KERNEL_BUDGET_S = 0.01
-MODEL_BUDGET_S = 1.0
+# Copies of a kernel in the many-copy model: more copies average more runs of the kernel
+# against one invoke overhead, at the cost of a longer model.
+KERNEL_COPIES = 4
+CALIBRATION_ROUNDS = 12
+QUICK_CALIBRATION_ROUNDS = 3
 # Widths of the `--quick` space: enough kernels to exercise every op type, a tenth of the time.
 QUICK_WIDTHS = (8, 16)
 PACKAGED_TABLE_DIR = Path(__file__).parent / "tables"
@@ -160,8 +167,9 @@ class OverheadFit:
 
     latency = intercept + scale · (sum of kernel latencies) + per_kernel · (kernel count).
 
-    `per_kernel_ms` is usually negative: each one-kernel model's time includes the invoke
-    overhead that a whole model pays only once.
+    The intercept is the invoke overhead of a whole model (about 0.6 µs for LiteRT from Python
+    on the machine of docs/benchmarks.md). With in-model kernel costs `scale` comes out near 1
+    and `per_kernel_ms` near 0.
     """
 
     intercept_ms: float = 0.0
@@ -175,7 +183,12 @@ class OverheadFit:
 
 @dataclass
 class LatencyTable:
-    """Measured kernel latencies of one target, with the fitted per-model overhead."""
+    """Measured kernel latencies of one target, with the fitted per-model overhead.
+
+    Each entry of `kernels` has the kernel's shapes (`kernel`), its cost inside a model
+    (`latency_ms`), and the times of its one-copy and `KERNEL_COPIES`-copy models it was
+    derived from (`single_ms`, `copies_ms`).
+    """
 
     target: str
     runtime: str
@@ -251,7 +264,7 @@ class _Interpolator:
         for entry in kernels.values():
             kernel = Kernel.from_dict(entry["kernel"])
             for group in self._groups(kernel):
-                groups.setdefault(group, []).append((kernel, entry["median_ms"]))
+                groups.setdefault(group, []).append((kernel, entry["latency_ms"]))
         self._coefficients: dict[tuple[Any, ...], np.ndarray] = {}
         for group, samples in groups.items():
             if len(samples) < 3:
@@ -335,7 +348,7 @@ class LatencyPredictor:
         """Return the latency of `kernel` in ms and whether it was interpolated."""
         entry = self.table.kernels.get(kernel.key)
         if entry is not None:
-            return float(entry["median_ms"]), False
+            return float(entry["latency_ms"]), False
         estimate = self._interpolator.predict(kernel)
         if estimate is None:
             raise TargetError(
@@ -377,12 +390,15 @@ class LatencyPredictor:
 # --- calibration --------------------------------------------------------------------------------
 
 
-def _write_kernel_model(kernel: Kernel, runtime: str, directory: Path) -> Path:
+def _write_kernel_model(kernel: Kernel, runtime: str, directory: Path, copies: int) -> Path:
     suffix = RUNTIME_SUFFIX[runtime]
-    digest = hashlib.sha1(kernel.key.encode()).hexdigest()[:16]
+    digest = hashlib.sha1(f"{kernel.key}x{copies}".encode()).hexdigest()[:16]
     path = directory / f"{digest}{suffix}"
     if not path.is_file():
-        data = build_tflite_kernel(kernel) if runtime == "litert" else build_onnx_kernel(kernel)
+        if runtime == "litert":
+            data = build_tflite_kernel(kernel, copies)
+        else:
+            data = build_onnx_kernel(kernel, copies)
         partial = path.with_suffix(".partial")
         partial.write_bytes(data)
         partial.replace(path)
@@ -461,30 +477,39 @@ def calibrate(
     cache = cache_dir()
     kernel_dir = cache / "kernels" / target.runtime
     kernel_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = cache / "models"
 
     kernels = space_kernels(input_shapes, quick=quick)
-    logger.info("timing %s kernels on %s", len(kernels), target_name)
-    budget = QUICK_KERNEL_BUDGET_S if quick else KERNEL_BUDGET_S
-    entries: dict[str, dict[str, Any]] = {}
+    per_shape = QUICK_CALIBRATION_MODELS_PER_SHAPE if quick else CALIBRATION_MODELS_PER_SHAPE
+    students = _calibration_configs(input_shapes, per_shape)
+    paths = []
     for kernel in kernels:
-        path = _write_kernel_model(kernel, target.runtime, kernel_dir)
-        stats = measure_latency(
-            path,
-            runtime=target.runtime,
-            threads=target.threads,
-            warmup=20,
-            budget_s=budget,
-            memory=False,
-        )
+        paths.append(_write_kernel_model(kernel, target.runtime, kernel_dir, 1))
+        paths.append(_write_kernel_model(kernel, target.runtime, kernel_dir, KERNEL_COPIES))
+    for config, shape in students:
+        paths.append(_model_file(config, shape, target.runtime, cache / "models"))
+    rounds = QUICK_CALIBRATION_ROUNDS if quick else CALIBRATION_ROUNDS
+    logger.info(
+        "timing %s kernels and %s students on %s in %s rounds",
+        len(kernels),
+        len(students),
+        target_name,
+        rounds,
+    )
+    latencies = fast_latency_ms(
+        time_interleaved(paths, runtime=target.runtime, threads=target.threads, rounds=rounds)
+    )
+
+    entries: dict[str, dict[str, Any]] = {}
+    for index, kernel in enumerate(kernels):
+        single, copies = (float(value) for value in latencies[2 * index : 2 * index + 2])
         entries[kernel.key] = {
             "kernel": kernel.to_dict(),
-            "median_ms": stats.median_ms,
-            "cv": stats.cv,
-            "runs": stats.runs,
+            # Clipped at 0 because timer noise can make the copies of a tiny kernel look free.
+            "latency_ms": max((copies - single) / (KERNEL_COPIES - 1), 0.0),
+            "single_ms": single,
+            "copies_ms": copies,
             "macs": kernel.macs,
         }
-
     table = LatencyTable(
         target=target_name,
         runtime=target.runtime,
@@ -497,7 +522,8 @@ def calibrate(
         overhead=OverheadFit(),
         quick=quick,
     )
-    table.overhead = _fit_on_students(table, target, input_shapes, quick, model_dir)
+    measured = [float(value) for value in latencies[2 * len(kernels) :]]
+    table.overhead = _fit_on_students(table, students, measured)
     table.calibration_seconds = time.perf_counter() - started
     path = table.save(output or table_path(target_name))
     logger.info(
@@ -512,28 +538,17 @@ def calibrate(
 
 def _fit_on_students(
     table: LatencyTable,
-    target: Any,
-    input_shapes: Sequence[Sequence[int]],
-    quick: bool,
-    model_dir: Path,
+    students: Sequence[tuple[StudentConfig, tuple[int, ...]]],
+    measured: Sequence[float],
 ) -> OverheadFit:
-    per_shape = QUICK_CALIBRATION_MODELS_PER_SHAPE if quick else CALIBRATION_MODELS_PER_SHAPE
     predictor = LatencyPredictor(table)
     samples = []
     records = []
-    for config, shape in _calibration_configs(input_shapes, per_shape):
-        path = _model_file(config, shape, target.runtime, model_dir)
-        measured = measure_latency(
-            path,
-            runtime=target.runtime,
-            threads=target.threads,
-            budget_s=MODEL_BUDGET_S,
-            memory=False,
-        ).median_ms
+    for (config, shape), latency in zip(students, measured, strict=True):
         raw = predictor.predict_config(config, shape)
-        samples.append((raw.kernel_sum_ms, len(raw.kernels), measured))
+        samples.append((raw.kernel_sum_ms, len(raw.kernels), latency))
         records.append(
-            {"config": config.to_dict(), "input_shape": list(shape), "measured_ms": measured}
+            {"config": config.to_dict(), "input_shape": list(shape), "measured_ms": latency}
         )
     fit = fit_overhead(samples)
     for record, (kernel_sum, count, _) in zip(records, samples, strict=True):

@@ -7,6 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from edgeopt.errors import TargetError
+from edgeopt.metrics import count_macs
+from edgeopt.students import StudentConfig, build_student, conv_bn_act
 from edgeopt.targets._kernel_models import build_onnx_kernel, build_tflite_kernel
 from edgeopt.targets._kernels import Kernel, extract_kernels
 from edgeopt.targets._runners import open_session
@@ -19,10 +23,6 @@ from edgeopt.targets.predictor import (
     fit_overhead,
     student_kernels,
 )
-
-from edgeopt.errors import TargetError
-from edgeopt.metrics import count_macs
-from edgeopt.students import StudentConfig, build_student, conv_bn_act
 
 IR_CONFIG = StudentConfig(
     family="inverted_residual", width=8, stages=2, depth=2, expand_ratio=4, head_width=32
@@ -110,6 +110,45 @@ def test_onnx_kernel_runs_with_expected_shape(kernel: Kernel, tmp_path: Path) ->
         ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda kernel: kernel.key)
+def test_tflite_kernel_copies(kernel: Kernel, tmp_path: Path) -> None:
+    single, three = tmp_path / "single.tflite", tmp_path / "three.tflite"
+    single.write_bytes(build_tflite_kernel(kernel))
+    three.write_bytes(build_tflite_kernel(kernel, copies=3))
+    session = open_session(three, "litert", 1)
+    session.prepare_inputs(None)
+    session.run()
+    outputs = session.interpreter.get_output_details()
+    assert len(outputs) == 3
+    assert len({item["index"] for item in outputs}) == 3
+    assert _tflite_ops(three) == 3 * _tflite_ops(single)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda kernel: kernel.key)
+def test_onnx_kernel_copies_survive_optimization(kernel: Kernel, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    counts = []
+    for copies in (1, 3):
+        path = tmp_path / f"kernel{copies}.onnx"
+        path.write_bytes(build_onnx_kernel(kernel, copies=copies))
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized{copies}.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+        counts.append(sum(node.op_type not in ("ReorderInput",) for node in graph.node))
+        assert len(graph.output) == copies
+    assert counts[1] == 3 * counts[0]
+
+
+def test_kernel_copies_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="copies=0"):
+        build_tflite_kernel(KERNELS[0], copies=0)
+    with pytest.raises(ValueError, match="copies=0"):
+        build_onnx_kernel(KERNELS[0], copies=0)
+
+
 def _tflite_ops(path: Path) -> list[str]:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -158,7 +197,7 @@ def test_fit_overhead_with_few_models() -> None:
 
 def _table(kernels: list[Kernel]) -> LatencyTable:
     entries = {
-        kernel.key: {"kernel": kernel.to_dict(), "median_ms": 1e-3 + kernel.macs * 1e-8}
+        kernel.key: {"kernel": kernel.to_dict(), "latency_ms": 1e-3 + kernel.macs * 1e-8}
         for kernel in kernels
     }
     return LatencyTable(
@@ -231,6 +270,11 @@ def test_quick_calibration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert table.machine["cores"] >= 1
     assert table.created.startswith("20")
     assert len(table.overhead.models) == 2
+    for entry in table.kernels.values():
+        assert entry["latency_ms"] >= 0.0
+        assert entry["copies_ms"] > 0.0
+        # One copy pays the invoke overhead that the in-model cost leaves out.
+        assert entry["latency_ms"] < entry["single_ms"]
     assert {entry["kernel"]["op"] for entry in table.kernels.values()} == {
         "conv",
         "depthwise",
