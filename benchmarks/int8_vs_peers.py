@@ -7,9 +7,12 @@ pretrained ONNX Model Zoo MNIST CNN (`../shared/models/mnist_cnn_onnx/mnist.onnx
 input, opset 7) and a small student-like CNN trained here on MNIST test images 0-4999.
 
 olive-ai is optional. Pass `--olive-python` pointing to the Python of a separate virtual
-environment where `pip install olive-ai` worked; its static quantization pass then runs in a
-subprocess. Results go into the `## int8 quantization vs peers` section of docs/benchmarks.md
-(only that section is replaced).
+environment, and its static quantization pass runs in a subprocess. Such an environment was made
+with `python3 -m venv /tmp/olive && /tmp/olive/bin/pip install torch==2.13.0 olive-ai
+onnxruntime requests`, because olive-ai 0.13.0 imports `requests` without depending on it.
+
+Results go into the `## int8 quantization vs peers` section of docs/benchmarks.md (only that
+section is replaced).
 
 Usage:
     .venv/bin/python benchmarks/int8_vs_peers.py [--olive-python /tmp/olive/bin/python]
@@ -187,8 +190,20 @@ def evaluate(path: Path, data: np.ndarray, labels: np.ndarray, fp32_top1: np.nda
         "accuracy": float(np.mean(top1 == labels)),
         "agreement": float(np.mean(top1 == fp32_top1)),
         "size": path.stat().st_size,
-        "latency_ms": measure_latency(runtime, data[:1], warmup=20, runs=200),
     }
+
+
+def interleaved_latency(paths: list[Path], sample: np.ndarray, rounds: int = 7) -> list[float]:
+    """Median batch-1 latency (ms) of each file, timed in alternating rounds.
+
+    Other load on the machine then affects every file alike instead of whichever ran last.
+    """
+    runtimes = [open_runtime(path) for path in paths]
+    per_round: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for index, runtime in enumerate(runtimes):
+            per_round[index].append(measure_latency(runtime, sample, warmup=10, runs=50))
+    return [float(np.median(values)) for values in per_round]
 
 
 def benchmark_model(
@@ -198,6 +213,7 @@ def benchmark_model(
     reference = open_runtime(fp32)
     fp32_top1 = reference.run(data)[reference.output_names[0]].argmax(axis=1)
     rows = [{"method": "fp32 (reference)", **evaluate(fp32, data, labels, fp32_top1)}]
+    paths = [fp32]
     notes = []
     methods = {
         "edgeopt `quantize_onnx` (auto)": lambda dst: quantize_onnx(fp32, dst, calibration),
@@ -217,11 +233,14 @@ def benchmark_model(
             notes.append(f"{label} on {name}: failed: {str(exc).splitlines()[0][:200]}")
             continue
         row = {"method": label, **evaluate(dst, data, labels, fp32_top1)}
+        paths.append(dst)
         if hasattr(result, "method"):
             row["method"] += f", chose {result.method}"
         if isinstance(result, str) and result:
             row["method"] += f" ({result})"
         rows.append(row)
+    for row, latency in zip(rows, interleaved_latency(paths, data[:1]), strict=True):
+        row["latency_ms"] = latency
     return rows, notes
 
 
@@ -232,11 +251,13 @@ def to_markdown(results: dict, notes: list[str], command: str) -> str:
         f"Reproduce with `{command}` (run from the repository root).",
         "",
         f"Measured on {platform.machine()} with {torch.get_num_threads()} CPU threads available, "
-        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; latency is the median "
-        "of 200 batch-1 runs after 20 warm-up runs, one intra-op thread. Calibration: MNIST test "
+        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}. Latency: batch 1, "
+        "one intra-op thread, the median over 7 rounds of each file's median of 50 runs, the "
+        "files of a model timed in alternation within each round. Calibration: MNIST test "
         "images 5000-5299; evaluation: images 6000-9999 (4,000). The student CNN was trained on "
-        "images 0-4999. Other processes shared the two cores during the runs, and two runs of "
-        "this script gave batch-1 latencies up to 2× apart, so read latency ratios as rough.",
+        "images 0-4999. Other processes shared the two cores during the runs; before the "
+        "timing was interleaved, two runs of this script gave latencies up to 2× apart, so read "
+        "latency ratios as rough.",
         "",
     ]
     for model, rows in results.items():

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from edgeopt._logging import get_logger
 from edgeopt.converters._fp16 import onnx_weights_to_fp16, warn_clamped
 from edgeopt.converters.onnx_export import OnnxExport, export_onnx
 from edgeopt.converters.quantize import OnnxQuantization, quantize_onnx
 from edgeopt.converters.runtime import ModelRuntime, load_torch_file, open_runtime
 from edgeopt.converters.tflite_export import PRECISIONS, TfliteExport, export_tflite
 from edgeopt.converters.verify import VerificationReport, verify
-from torch import nn
-
-from edgeopt._logging import get_logger
 from edgeopt.errors import ConversionError, EdgeoptInputError, ModelLoadError, QuantizationWarning
 
 logger = get_logger(__name__)

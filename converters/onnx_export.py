@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from edgeopt.converters import _common, _onnx_graph
-from edgeopt.converters._fp16 import onnx_weights_to_fp16, warn_clamped
 from onnx import helper, shape_inference, version_converter
 from torch import nn
 
 from edgeopt._logging import get_logger
+from edgeopt.converters import _common, _onnx_graph
+from edgeopt.converters._fp16 import onnx_weights_to_fp16, warn_clamped
 from edgeopt.errors import ConversionError, EdgeoptInputError, UnsupportedOperatorError
 
 logger = get_logger(__name__)

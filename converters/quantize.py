@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgeopt.converters import _onnx_graph
-from edgeopt.converters.runtime import OnnxRuntime
-from edgeopt.converters.verify import compare_outputs
 from onnx import shape_inference, version_converter
 
 from edgeopt._logging import get_logger
+from edgeopt.converters import _onnx_graph
+from edgeopt.converters.runtime import OnnxRuntime
+from edgeopt.converters.verify import compare_outputs
 from edgeopt.errors import ConversionError, EdgeoptInputError, ModelLoadError
 
 logger = get_logger(__name__)

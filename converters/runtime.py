@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from edgeopt.converters import _common
 from torch import nn
 
 from edgeopt._logging import get_logger
+from edgeopt.converters import _common
 from edgeopt.errors import EdgeoptInputError, ModelLoadError
 
 logger = get_logger(__name__)

@@ -27,17 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgeopt.converters import _common, _tflite_graph
-from edgeopt.converters._fp16 import clamp_to_fp16_range, warn_clamped
-from edgeopt.converters.onnx_export import unsupported_operator_error
 from torch import nn
 
 from edgeopt._logging import get_logger
+from edgeopt.converters import _common, _tflite_graph
+from edgeopt.converters._fp16 import clamp_to_fp16_range, warn_clamped
+from edgeopt.converters.onnx_export import unsupported_operator_error
 from edgeopt.errors import ConversionError, EdgeoptInputError
 
 logger = get_logger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+# Absolute and relative tolerance of the check against PyTorch on the example input.
+_CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,12 @@ def export_tflite(
 
     runtime = TfliteRuntime(path)
     logger.info("wrote %s (%s, batch %d)", path, precision, runtime.fixed_batch or 0)
+    # NOTE: int8 files are not checked here because their error depends on the data; convert()
+    # and verify() measure them on real inputs.
+    # For fp16 the reference is the converted copy, whose weights were clamped to the fp16 range.
+    if precision in _CHECK_TOLERANCE:
+        with _common.eval_mode(source, "TFLite check", warn=False):
+            _check_against_torch(runtime, source, inputs, names, _CHECK_TOLERANCE[precision])
     return TfliteExport(
         path=path,
         precision=precision,
@@ -264,6 +272,46 @@ def export_tflite(
         input_dtypes={n: str(np.dtype(d["dtype"])) for n, d in runtime.input_details.items()},
         output_dtypes={n: str(np.dtype(d["dtype"])) for n, d in runtime.output_details.items()},
     )
+
+
+def _check_against_torch(
+    runtime,
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    names: Sequence[str],
+    tolerance: float,
+) -> None:
+    """Compare the file with PyTorch on the example input; raise `ConversionError` on mismatch.
+
+    litert-torch 0.10, for one, resizes nearest-neighbour to a non-integer scale differently
+    from PyTorch, so no conversion is trusted without this check.
+    """
+    _, pairs = _common.torch_outputs(model, inputs)
+    feed = dict(zip(runtime.input_names, (_common.to_numpy(t) for t in inputs), strict=True))
+    outputs = runtime.run(feed)
+    for name, (_, tensor) in zip(names, pairs, strict=True):
+        expected = _common.to_numpy(tensor)
+        actual = outputs[name]
+        if actual.shape != expected.shape:
+            raise ConversionError(
+                f"output '{name}' of {runtime.path} has shape {actual.shape} but PyTorch gives "
+                f"{expected.shape}"
+            )
+        diff = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+        if np.isfinite(diff) and diff <= tolerance * (1.0 + scale):
+            continue
+        resize = _common.module_path_for_op(model, inputs, "upsample_nearest2d")
+        hint = (
+            f"; module '{resize}' resizes nearest-neighbour, which litert-torch computes "
+            "differently for non-integer scales: use an integer scale factor or mode='bilinear'"
+            if resize
+            else "; export to ONNX instead, or report the layer pattern"
+        )
+        raise ConversionError(
+            f"output '{name}' of {runtime.path} differs from PyTorch by {diff:.3g} (max abs) on "
+            f"the example input{hint}"
+        )
 
 
 def _convert(

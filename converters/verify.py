@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgeopt.converters import _common
-from edgeopt.converters.runtime import ModelRuntime, OnnxRuntime, TorchRuntime, open_runtime
 from onnx import helper
 from torch import nn
 
 from edgeopt._logging import get_logger
+from edgeopt.converters import _common
+from edgeopt.converters.runtime import ModelRuntime, OnnxRuntime, TorchRuntime, open_runtime
 from edgeopt.errors import EdgeoptInputError
 
 logger = get_logger(__name__)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from converter_helpers import max_abs_diff, torch_run
+from torch import nn
+
 from edgeopt.converters import (
     compare_outputs,
     convert,
@@ -17,8 +19,6 @@ from edgeopt.converters import (
     verify,
 )
 from edgeopt.converters import conversion as convert_module
-from torch import nn
-
 from edgeopt.errors import (
     ConversionError,
     EdgeoptInputError,

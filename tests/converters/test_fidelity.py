@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from converter_helpers import max_abs_diff, normalise, shared_file, torch_run
+
 from edgeopt.converters import (
     convert,
     export_onnx,

@@ -7,12 +7,12 @@ import onnx
 import pytest
 import torch
 from converter_helpers import max_abs_diff, torch_run
-from edgeopt.converters import convert, export_onnx, export_tflite, open_runtime
 from torch import nn
 
+from edgeopt.converters import convert, export_onnx, export_tflite, open_runtime
 from edgeopt.errors import ExportWarning
 
-# --- C05: LayerNorm epsilon below the fp16 range ---------------------------------------------
+# --- LayerNorm epsilon below the fp16 range ---------------------------------------------
 
 
 def layer_norm_input(features: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_layernorm_tiny_eps_fp16_tflite(features, tmp_path):
     assert max_abs_diff(output, torch_run(model, x)) <= 1e-2
 
 
-# --- C06: large mask constants ----------------------------------------------------------------
+# --- large mask constants ----------------------------------------------------------------
 
 
 class MaskedSoftmax(nn.Module):

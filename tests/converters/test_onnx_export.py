@@ -9,9 +9,9 @@ import onnx
 import pytest
 import torch
 from converter_helpers import max_abs_diff, torch_run
-from edgeopt.converters import export_onnx, open_runtime
 from torch import nn
 
+from edgeopt.converters import export_onnx, open_runtime
 from edgeopt.errors import (
     ConversionError,
     EdgeoptInputError,
@@ -25,7 +25,7 @@ def _run(path, x):
     return runtime.run(np.asarray(x, dtype=np.float32))
 
 
-# --- C01: BatchNorm without running statistics ---------------------------------------------
+# --- BatchNorm without running statistics ---------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_batchnorm1d_batch_statistics_onnx(tmp_path):
         assert max_abs_diff(_run(export.path, x)["output"], torch_run(model, x)) <= 1e-4
 
 
-# --- C02: model handed over in train() mode ------------------------------------------------
+# --- model handed over in train() mode ------------------------------------------------
 
 
 def test_train_mode_model_exported_in_eval(tmp_path):
@@ -95,7 +95,7 @@ def test_train_mode_restores_submodule_modes(tmp_path):
     assert [m.training for m in model] == [True, True, False]
 
 
-# --- C03: dynamic batch --------------------------------------------------------------------
+# --- dynamic batch --------------------------------------------------------------------
 
 
 class ChannelShuffle(nn.Module):
@@ -170,7 +170,7 @@ def test_fixed_batch_export_runs_other_sizes(tmp_path):
     assert max_abs_diff(runtime.run(x.numpy())["output"], torch_run(model, x)) <= 1e-4
 
 
-# --- C12: grouped convolution --------------------------------------------------------------
+# --- grouped convolution --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ def test_grouped_conv_onnx(in_channels, out_channels, groups, tmp_path):
     assert max_abs_diff(_run(export.path, x)["output"], torch_run(model, x)) <= 1e-4
 
 
-# --- C14: Softmax-family axis semantics across opsets --------------------------------------
+# --- Softmax-family axis semantics across opsets --------------------------------------
 
 
 class Normalise(nn.Module):
@@ -229,7 +229,7 @@ def test_log_softmax_axes_every_opset(opset, dim, tmp_path):
     assert max_abs_diff(_run(export.path, x)["output"], expected) <= 1e-5
 
 
-# --- C15: dict outputs bound by name -------------------------------------------------------
+# --- dict outputs bound by name -------------------------------------------------------
 
 
 class DictOutput(nn.Module):
@@ -269,7 +269,7 @@ def test_tuple_outputs_take_names_in_order(tmp_path):
     assert max_abs_diff(outputs["p"], x + 1) <= 1e-6
 
 
-# --- C17: tied weights stored once ---------------------------------------------------------
+# --- tied weights stored once ---------------------------------------------------------
 
 
 class TiedLm(nn.Module):

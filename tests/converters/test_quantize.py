@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
 from edgeopt.converters import export_onnx, open_runtime, quantize_onnx, verify
 from edgeopt.converters.quantize import activation_ranges
 from edgeopt.converters.verify import compare_arrays
-from torch import nn
-
 from edgeopt.errors import EdgeoptInputError
 
-# --- C07 / C08: depthwise conv with channel ranges spread over three decades -------------------
+# --- depthwise conv with channel ranges spread over three decades -------------------
 
 
 def spread_depthwise() -> nn.Module:
@@ -126,7 +126,7 @@ def test_per_tensor_measured_worse_on_spread_channels(tmp_path):
     assert cosines[False] < 0.9
 
 
-# --- C09: calibration outliers -------------------------------------------------------------------
+# --- calibration outliers -------------------------------------------------------------------
 
 
 def synthetic_task(seed: int) -> tuple[nn.Module, np.ndarray, np.ndarray]:

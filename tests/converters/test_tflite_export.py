@@ -7,10 +7,10 @@ import pytest
 import torch
 from ai_edge_litert.interpreter import Interpreter
 from converter_helpers import max_abs_diff, torch_run
-from edgeopt.converters import export_tflite, open_runtime
-from edgeopt.converters._tflite_graph import read_metadata
 from torch import nn
 
+from edgeopt.converters import export_tflite, open_runtime
+from edgeopt.converters._tflite_graph import read_metadata
 from edgeopt.errors import ConversionError, EdgeoptInputError, UnsupportedOperatorError
 
 
@@ -28,7 +28,7 @@ def small_cnn() -> nn.Module:
     ).eval()
 
 
-# --- C03: batch-specialised TFLite run at other batch sizes --------------------------------
+# --- batch-specialised TFLite run at other batch sizes --------------------------------
 
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["plain", "channel_shuffle"])
@@ -56,7 +56,7 @@ def test_tflite_batch4_file_pads_last_chunk(tmp_path):
     assert max_abs_diff(outputs["output"], torch_run(model, x)) <= 1e-4
 
 
-# --- C01 for TFLite: batch statistics cannot be reproduced chunk by chunk ------------------
+# --- batch statistics cannot be reproduced chunk by chunk ------------------
 
 
 def test_tflite_rejects_batch_statistics_layer(tmp_path):
@@ -65,7 +65,7 @@ def test_tflite_rejects_batch_statistics_layer(tmp_path):
         export_tflite(model.eval(), torch.randn(4, 3, 10, 14), tmp_path / "bn.tflite")
 
 
-# --- C10: full int8 needs calibration data -------------------------------------------------
+# --- full int8 needs calibration data -------------------------------------------------
 
 
 def test_int8_without_calibration_raises(tmp_path):
@@ -147,7 +147,7 @@ def test_unknown_precision_rejected(tmp_path):
         )
 
 
-# --- C12: grouped convolution --------------------------------------------------------------
+# --- grouped convolution --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_grouped_conv_tflite(in_channels, out_channels, groups, tmp_path):
     )
 
 
-# --- C15: signature outputs named by dict key ----------------------------------------------
+# --- signature outputs named by dict key ----------------------------------------------
 
 
 def test_tflite_dict_outputs_by_name(tmp_path):
@@ -207,3 +207,22 @@ def test_tflite_unsupported_operator_names_module(tmp_path):
     assert "eigh" in str(info.value)
     assert "'block.1'" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_nearest_resize_mismatch_detected(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(size=(7, 9))).eval()
+    with pytest.raises(ConversionError, match=r"module '1'.*nearest") as info:
+        export_tflite(model, torch.randn(2, 3, 5, 6), tmp_path / "up.tflite")
+    assert "differs from PyTorch" in str(info.value)
+
+
+def test_integer_nearest_resize_matches(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
+    x = torch.randn(2, 3, 5, 6)
+    export = export_tflite(model, x, tmp_path / "up.tflite")
+    assert (
+        max_abs_diff(open_runtime(export.path).run(x.numpy())["output"], torch_run(model, x))
+        <= 1e-4
+    )
