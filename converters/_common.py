@@ -207,3 +207,39 @@ def torch_outputs(
     with torch.no_grad():
         output = model(*inputs)
     return output, flatten_outputs(output)
+
+
+def diff_against_torch(
+    runtime: Any,
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    output_names: Sequence[str],
+    tolerance: float,
+) -> tuple[float, str | None]:
+    """Run `runtime` and `model` on `inputs` and compare each output.
+
+    Returns the largest absolute difference and the first output whose difference exceeds
+    `tolerance * (1 + max |expected|)` or is not finite (None when all are within it). Raises
+    `ConversionError` when an output's shape differs from PyTorch's.
+    """
+    _, pairs = torch_outputs(model, inputs)
+    feed = dict(zip(runtime.input_names, (to_numpy(t) for t in inputs), strict=True))
+    outputs = runtime.run(feed)
+    worst, failing = 0.0, None
+    for name, (_, tensor) in zip(output_names, pairs, strict=True):
+        expected = to_numpy(tensor)
+        actual = outputs[name]
+        if actual.shape != expected.shape:
+            raise ConversionError(
+                f"output '{name}' of {runtime.path} has shape {actual.shape} at batch "
+                f"{inputs[0].shape[0]} but PyTorch gives {expected.shape}; the export fixed a "
+                "shape, so export with dynamic_batch=False or at the batch size you will run"
+            )
+        if not expected.size:
+            continue
+        diff = float(np.max(np.abs(actual.astype(np.float64) - expected)))
+        scale = float(np.max(np.abs(expected)))
+        if failing is None and not (np.isfinite(diff) and diff <= tolerance * (1.0 + scale)):
+            failing = name
+        worst = max(worst, diff) if np.isfinite(diff) else float("inf")
+    return worst, failing

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from onnx import helper, shape_inference, version_converter
@@ -40,8 +39,8 @@ MIN_OPSET = 7
 MAX_OPSET = 23
 # Opset from which the torch.export-based exporter writes the graph without version conversion.
 _DYNAMO_OPSET = 18
-_CHECK_ATOL = 1e-4
-_CHECK_RTOL = 1e-4
+# Tolerance of the check against PyTorch, absolute and relative to the output's max magnitude.
+_CHECK_TOLERANCE = 1e-4
 # fp16 weights change outputs by about 1e-3 relative; beyond 1e-2 the export is treated as broken.
 _FP16_TOLERANCE = 1e-2
 
@@ -280,40 +279,22 @@ def check_against_torch(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
     output_names: Sequence[str],
-    atol: float = _CHECK_ATOL,
-    rtol: float = _CHECK_RTOL,
+    tolerance: float = _CHECK_TOLERANCE,
 ) -> float:
     """Run the ONNX file in ONNX Runtime on `inputs` and compare each output with PyTorch.
 
-    Returns the largest absolute difference; raises `ConversionError` beyond tolerance.
+    Returns the largest absolute difference, and raises `ConversionError` beyond tolerance.
     """
     from edgeopt.converters.runtime import open_runtime
 
     runtime = open_runtime(path)
-    _, pairs = _common.torch_outputs(model, inputs)
-    feed = dict(zip(runtime.input_names, (_common.to_numpy(t) for t in inputs), strict=True))
-    outputs = runtime.run_many(feed)
-    worst = 0.0
-    for name, (_, expected_tensor) in zip(output_names, pairs, strict=True):
-        expected = _common.to_numpy(expected_tensor)
-        actual = outputs[name]
-        if actual.shape != expected.shape:
-            raise ConversionError(
-                f"output '{name}' of {path} has shape {actual.shape} at batch "
-                f"{inputs[0].shape[0]} but PyTorch gives {expected.shape}; the export baked in a "
-                "shape, so export with dynamic_batch=False or at the batch size you will run"
-            )
-        diff = (
-            float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
+    worst, failing = _common.diff_against_torch(runtime, model, inputs, output_names, tolerance)
+    if failing is not None:
+        raise ConversionError(
+            f"{path} differs from PyTorch by up to {worst:.3g} (max abs; first output beyond "
+            f"tolerance: '{failing}') at batch {inputs[0].shape[0]}; try another opset (18 is "
+            "the exporter's native one) or dynamic_batch=False"
         )
-        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-        if not np.isfinite(diff) or diff > atol + rtol * scale:
-            raise ConversionError(
-                f"output '{name}' of {path} differs from PyTorch by {diff:.3g} (max abs) at "
-                f"batch {inputs[0].shape[0]}; try another opset (18 is the exporter's native "
-                "one) or dynamic_batch=False"
-            )
-        worst = max(worst, diff)
     return worst
 
 
@@ -415,9 +396,9 @@ def export_onnx(
             batches = [inputs]
             if dynamic_batch:
                 batches.append(_common.repeat_to_batch(inputs, inputs[0].shape[0] + 2))
-            tolerance = _FP16_TOLERANCE if precision == "fp16" else _CHECK_ATOL
+            tolerance = _FP16_TOLERANCE if precision == "fp16" else _CHECK_TOLERANCE
             for batch_inputs in batches:
-                diff = check_against_torch(path, model, batch_inputs, names, tolerance, tolerance)
+                diff = check_against_torch(path, model, batch_inputs, names, tolerance)
                 max_diff = max(max_diff, diff)
             if precision == "fp32":
                 logger.info("%s matches PyTorch, max abs diff %.3g", path.name, max_diff)

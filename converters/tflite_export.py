@@ -286,32 +286,20 @@ def _check_against_torch(
     litert-torch 0.10, for one, resizes nearest-neighbour to a non-integer scale differently
     from PyTorch, so no conversion is trusted without this check.
     """
-    _, pairs = _common.torch_outputs(model, inputs)
-    feed = dict(zip(runtime.input_names, (_common.to_numpy(t) for t in inputs), strict=True))
-    outputs = runtime.run(feed)
-    for name, (_, tensor) in zip(names, pairs, strict=True):
-        expected = _common.to_numpy(tensor)
-        actual = outputs[name]
-        if actual.shape != expected.shape:
-            raise ConversionError(
-                f"output '{name}' of {runtime.path} has shape {actual.shape} but PyTorch gives "
-                f"{expected.shape}"
-            )
-        diff = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
-        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-        if np.isfinite(diff) and diff <= tolerance * (1.0 + scale):
-            continue
-        resize = _common.module_path_for_op(model, inputs, "upsample_nearest2d")
-        hint = (
-            f"; module '{resize}' resizes nearest-neighbour, which litert-torch computes "
-            "differently for non-integer scales: use an integer scale factor or mode='bilinear'"
-            if resize
-            else "; export to ONNX instead, or report the layer pattern"
-        )
-        raise ConversionError(
-            f"output '{name}' of {runtime.path} differs from PyTorch by {diff:.3g} (max abs) on "
-            f"the example input{hint}"
-        )
+    diff, failing = _common.diff_against_torch(runtime, model, inputs, names, tolerance)
+    if failing is None:
+        return
+    resize = _common.module_path_for_op(model, inputs, "upsample_nearest2d")
+    hint = (
+        f"; module '{resize}' resizes nearest-neighbour, which litert-torch computes "
+        "differently for non-integer scales: use an integer scale factor or mode='bilinear'"
+        if resize
+        else "; export to ONNX instead, or report the layer pattern"
+    )
+    raise ConversionError(
+        f"{runtime.path} differs from PyTorch by up to {diff:.3g} (max abs; first output beyond "
+        f"tolerance: '{failing}') on the example input{hint}"
+    )
 
 
 def _convert(
