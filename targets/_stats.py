@@ -20,8 +20,10 @@ class LatencyStats:
     """Latency of one model on one target.
 
     Times are milliseconds per inference of one example. `cv` is the coefficient of variation
-    (standard deviation / mean) of the timed runs. `estimate` is true when the figures are
-    predicted rather than measured.
+    (standard deviation / mean) of the timed runs, which a few stalled runs can inflate far past
+    100% on a busy machine. `robust_cv` is 1.4826 × median absolute deviation / median, the
+    same ratio for normal data but unmoved by such outliers. `estimate` is true when the figures
+    are predicted rather than measured.
     """
 
     median_ms: float
@@ -35,6 +37,7 @@ class LatencyStats:
     file_size_bytes: int
     source: str
     estimate: bool = False
+    robust_cv: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return the fields as plain JSON types."""
@@ -45,7 +48,8 @@ class LatencyStats:
         label = " (estimate)" if self.estimate else ""
         return (
             f"median {self.median_ms:.4f} ms{label}, p90 {self.p90_ms:.4f} ms, "
-            f"cv {self.cv:.1%}, {self.runs} runs, {self.threads} thread(s)"
+            f"robust cv {self.robust_cv or 0.0:.1%} (cv {self.cv:.1%}), {self.runs} runs, "
+            f"{self.threads} thread(s)"
         )
 
 
@@ -75,6 +79,8 @@ def summarize(
     """Build `LatencyStats` from per-run times in seconds."""
     times_ms = np.asarray(times_s, dtype=np.float64) * 1e3
     mean = float(np.mean(times_ms))
+    median = float(np.median(times_ms))
+    mad = float(np.median(np.abs(times_ms - median)))
     return LatencyStats(
         median_ms=float(np.median(times_ms)),
         p90_ms=float(np.percentile(times_ms, 90)),
@@ -87,4 +93,5 @@ def summarize(
         file_size_bytes=file_size_bytes,
         source=source,
         estimate=False,
+        robust_cv=MAD_TO_SIGMA * mad / median if median > 0 else 0.0,
     )

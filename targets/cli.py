@@ -204,7 +204,8 @@ def _print_profile(report: dict[str, Any], predicted: bool) -> None:
     click.echo(f"target     {report['target']['name']} [{report['target']['latency_source']}]")
     click.echo(
         f"latency    median {latency['median_ms']:.4f} ms{label}, p90 {latency['p90_ms']:.4f} ms, "
-        f"cv {latency['cv']:.1%}, {latency['runs']} runs"
+        f"robust cv {latency.get('robust_cv') or 0.0:.1%} (cv {latency['cv']:.1%}), "
+        f"{latency['runs']} runs"
     )
     click.echo(f"MACs       {model['macs']:,}")
     click.echo(f"params     {model['params']:,}")
