@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import io
 import json
 import platform
-import struct
 import subprocess
 import sys
 import tempfile
@@ -36,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from _doc import replace_section
 from torch import nn
 
 from edgeopt.converters import export_onnx, open_runtime, quantize_onnx
 from edgeopt.converters.conversion import measure_latency
+from edgeopt.data import read_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -47,15 +47,6 @@ SECTION = "## int8 quantization vs peers"
 TRAIN = slice(0, 5000)
 CALIBRATION = slice(5000, 5300)
 EVALUATION = slice(6000, 10000)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a gzip-compressed IDX file (the MNIST format)."""
-    with gzip.open(path) as handle:
-        content = handle.read()
-    dims = content[3]
-    shape = struct.unpack(f">{dims}I", content[4 : 4 + 4 * dims])
-    return np.frombuffer(content, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
@@ -282,20 +273,6 @@ def to_markdown(results: dict, notes: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
-def replace_section(document: Path, section: str) -> None:
-    """Replace the int8 section (heading to the next `## `) of `document`, or append it."""
-    text = document.read_text() if document.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        rest = "" if end == -1 else "\n" + text[end + 1 :]
-        text = text[:start] + section.rstrip("\n") + "\n" + rest
-    document.parent.mkdir(parents=True, exist_ok=True)
-    document.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--olive-python", type=Path, help="Python of a venv with olive-ai.")
@@ -338,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if olive_python is not None:
         command += f" --olive-python {olive_python}"
     section = to_markdown(results, notes, command)
-    replace_section(args.docs, section)
+    replace_section(SECTION, section.rstrip("\n") + "\n", args.docs)
     print(section)
     return 0
 

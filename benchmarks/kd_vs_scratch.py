@@ -15,14 +15,10 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _doc import replace_section
 
 from edgeopt.data import load_data

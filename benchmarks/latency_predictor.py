@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _doc import replace_section
 
 from edgeopt.students import StudentConfig, build_student, sample_config
 from edgeopt.targets import get_target, inspect_model, local_profile, measure_latency, roofline
@@ -49,7 +50,6 @@ from edgeopt.targets.predictor import (
 
 BENCHMARK_SEED = 2025
 SECTION = "## Latency predictor"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 TOLERANCE = 0.10
 INT8_MODELS = 4
 # Interleaved rounds of each of the two reference passes over the students.
@@ -295,23 +295,6 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = DOC) -> None:
-    """Replace the `## Latency predictor` section of `path` (or append it), keeping the rest."""
-    existing = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        updated = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="litert-xnnpack")
@@ -346,7 +329,7 @@ def main() -> None:
         json.dumps({"records": records, "int8": int8_rows, "loads": loads}, indent=1)
     )
     if not args.no_doc:
-        write_section(text)
+        replace_section(SECTION, text)
 
 
 if __name__ == "__main__":

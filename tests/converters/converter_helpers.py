@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from edgeopt.data import read_idx  # noqa: F401  (re-exported for the fixtures)
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 
@@ -22,15 +22,6 @@ def shared_file(*parts: str) -> Path:
             f"../shared/{'/'.join(parts)} not found: the shared data beside the repo is absent"
         )
     return path
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a gzip-compressed IDX file (the MNIST format) into a uint8 array."""
-    with gzip.open(path) as handle:
-        content = handle.read()
-    dims = content[3]
-    shape = struct.unpack(f">{dims}I", content[4 : 4 + 4 * dims])
-    return np.frombuffer(content, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
