@@ -87,6 +87,15 @@ def _print_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, default=str))
 
 
+input_scale_option = click.option(
+    "--input-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Factor from the [0, 1] data to the model's input (255 for models fed raw pixels).",
+)
+
+
 @click.group(cls=EdgeoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(edgeopt.__version__, prog_name="edgeopt")
 def cli() -> None:
@@ -268,13 +277,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
 @click.option("--label", help="Label column of csv:FILE data.")
 @click.option("--calibration", help="Data spec for int8 calibration (its training split).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option(
-    "--input-scale",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Factor from [0, 1] data to the model's input (255 for models fed raw pixels).",
-)
+@input_scale_option
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -333,13 +336,7 @@ def convert(
 @click.option("--data", "data_spec", default="digits", show_default=True, help="Data spec.")
 @click.option("--label", help="Label column of csv:FILE data.")
 @click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option(
-    "--input-scale",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Factor from [0, 1] data to the models' input (255 for models fed raw pixels).",
-)
+@input_scale_option
 @click.option("--per-layer", is_flag=True, help="Compare intermediate tensors too (ONNX).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @common_options
