@@ -121,7 +121,9 @@ def cli() -> None:
     "trained on raw pixels. Detected on validation data when not given.",
 )
 @click.option(
-    "--teacher-batch", type=int, help="Batch size the teacher requires (detected for ONNX)."
+    "--teacher-batch",
+    type=click.IntRange(min=1),
+    help="Batch size the teacher requires (detected for ONNX).",
 )
 @click.option(
     "--data",

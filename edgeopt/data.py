@@ -464,13 +464,20 @@ def _split(
             f"invalid split fractions val={val_fraction}, test={test_fraction}: each must be "
             "in (0, 1) and their sum below 1"
         )
+    present = int((counts > 0).sum())
+    if present < len(counts) / 2:
+        raise DataError(
+            f"{spec}: labels use only {present} of the class indices 0..{len(counts) - 1}: "
+            "integer labels are class indices, so renumber them 0..K-1 (or store them as "
+            "strings to have them numbered in sorted order)"
+        )
     indices = np.arange(len(y))
     stratify_ok = counts[counts > 0].min() >= 5
-    if limit is not None and limit < len(y):
-        indices, _ = train_test_split(
-            indices, train_size=limit, random_state=seed, stratify=y if stratify_ok else None
-        )
     try:
+        if limit is not None and limit < len(y):
+            indices, _ = train_test_split(
+                indices, train_size=limit, random_state=seed, stratify=y if stratify_ok else None
+            )
         rest, test = train_test_split(
             indices,
             test_size=test_fraction,
@@ -484,7 +491,10 @@ def _split(
             stratify=y[rest] if stratify_ok else None,
         )
     except ValueError as exc:
-        raise DataError(f"{spec}: too few samples ({len(indices)}) to split: {exc}") from exc
+        raise DataError(
+            f"{spec}: cannot split {len(indices)} samples of {present} classes into training, "
+            f"validation and test parts ({exc}); use more samples or a larger --limit"
+        ) from exc
     preprocessing = dict(raw.preprocessing)
     if raw.kind == "vector":
         mean = x[train].mean(axis=0)

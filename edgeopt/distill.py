@@ -22,7 +22,7 @@ from torch import nn
 
 from edgeopt._logging import get_logger
 from edgeopt._progress import progress_task
-from edgeopt.errors import EdgeoptInputError
+from edgeopt.errors import EdgeoptInputError, TrainingDivergedError
 
 if TYPE_CHECKING:
     from edgeopt.data import Dataset
@@ -50,8 +50,8 @@ def kd_loss(
     The KL term uses ``reduction="batchmean"`` (sum over classes, mean over samples), which is
     the mathematical KL divergence; ``"mean"`` would also divide by the number of classes.
     """
-    if temperature <= 0:
-        raise EdgeoptInputError(f"invalid temperature {temperature}: use a value > 0")
+    if not 0 < temperature < float("inf"):
+        raise EdgeoptInputError(f"invalid temperature {temperature}: use a finite value > 0")
     if not 0.0 <= alpha <= 1.0:
         raise EdgeoptInputError(f"invalid alpha {alpha}: use a value in [0, 1]")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
@@ -98,9 +98,9 @@ class TrainConfig:
         checks = {
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
-            "learning_rate": self.learning_rate > 0,
+            "learning_rate": 0 < self.learning_rate < float("inf"),
             "weight_decay": self.weight_decay >= 0,
-            "temperature": self.temperature > 0,
+            "temperature": 0 < self.temperature < float("inf"),
             "alpha": 0.0 <= self.alpha <= 1.0,
             "hint_weight": self.hint_weight >= 0,
             "patience": self.patience >= 1,
@@ -303,6 +303,11 @@ def train(
                     scheduler.step()
                     total_loss += float(loss.detach()) * len(index)
                 train_loss = total_loss / len(data.train)
+                if not np.isfinite(train_loss):
+                    raise TrainingDivergedError(
+                        f"{label} training diverged: the loss became {train_loss} in epoch "
+                        f"{epoch} (learning rate {config.learning_rate}); lower --lr"
+                    )
                 val_accuracy = evaluate(model, data.val.x, data.val.y)
                 result.history.append(
                     {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_accuracy}

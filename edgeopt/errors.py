@@ -24,6 +24,10 @@ class ModelLoadError(EdgeoptInputError):
     """A model file or reference cannot be loaded."""
 
 
+class TrainingDivergedError(EdgeoptInputError):
+    """Training produced a non-finite loss, usually because the learning rate is too high."""
+
+
 class ConversionError(EdgeoptError):
     """An export or quantization step failed for a model the user supplied."""
 

@@ -337,6 +337,13 @@ class MeasureStage(Stage):
             }
             for target in targets:
                 path = teacher_files.get(target.file_suffix)
+                if path is None:
+                    logger.info(
+                        "teacher not timed on %s: no %s file of it could be made (an ONNX "
+                        "teacher cannot be converted to TFLite here)",
+                        target.name,
+                        target.file_suffix,
+                    )
                 teacher_entry["latency_ms"][target.name] = _measure(target, path, example)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -499,13 +506,22 @@ class OptimizeResult:
 
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
-    """Check `out` can be created and return a fresh temporary folder beside it."""
+    """Check `out` can be created and return a fresh temporary folder beside it.
+
+    `--overwrite` replaces only an earlier run directory (one with a report.json) or an empty
+    folder, so a mistyped --out cannot delete unrelated files.
+    """
+    if out.exists() and not out.is_dir():
+        raise EdgeoptInputError(f"output path {out} is a file, not a folder: choose another --out")
     if out.exists() and not overwrite:
         raise EdgeoptInputError(
             f"output folder {out} already exists: choose another --out or add --overwrite"
         )
-    if out.exists() and not out.is_dir():
-        raise EdgeoptInputError(f"output path {out} is a file, not a folder: choose another --out")
+    if out.exists() and not (out / "report.json").is_file() and any(out.iterdir()):
+        raise EdgeoptInputError(
+            f"output folder {out} is not an edgeopt run directory (no report.json) and is not "
+            "empty, so --overwrite will not replace it: choose another --out"
+        )
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -530,7 +546,7 @@ def run_optimize(config: OptimizeConfig, stages: list[Stage] | None = None) -> O
     """Run the pipeline for `config` and return the finished run directory and its report."""
     from edgeopt.report import build_report, write_report
 
-    out = Path(config.out).expanduser()
+    out = Path(config.out).expanduser().resolve()
     _resolve_targets(config.target)  # an unknown target fails now, not after training
     workdir = _prepare_output(out, config.overwrite)
     state = RunState(config=config, workdir=workdir)

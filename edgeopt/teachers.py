@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 BUILTIN_TEACHERS = ("auto", "cnn", "mlp")
+# Part of the cache key of trained built-in teachers: bump it when their architecture changes.
+BUILTIN_TEACHER_VERSION = 2
 TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
 
 
@@ -285,7 +287,7 @@ def load_builtin_teacher(
     config = train_config or TrainConfig(epochs=15, patience=4, learning_rate=2e-3)
     resolved = "cnn" if name == "auto" and data.kind == "image" else name
     resolved = "mlp" if resolved == "auto" else resolved
-    key = f"{resolved}-{data.fingerprint()}-s{seed}-e{config.epochs}"
+    key = f"{resolved}-v{BUILTIN_TEACHER_VERSION}-{data.fingerprint()}-s{seed}-e{config.epochs}"
     folder = cache_dir() / "teachers"
     weights_path = folder / f"{key}.pt"
     info_path = folder / f"{key}.json"
@@ -540,15 +542,24 @@ def _choose_input_scale(teacher: Teacher, data: Dataset, stated: float | None) -
         return
     sample = data.val.x[:256]
     labels = data.val.y[:256]
+    # Mean log-probability of the true class, not accuracy: a ReLU network often classifies
+    # equally well at both scales, but at the wrong one its logits are hundreds of times too
+    # small (or large) and its soft targets useless for distillation.
     scores = {}
     for scale in (1.0, data.raw_scale):
         teacher.input.scale = scale
-        scores[scale] = float(np.mean(np.argmax(teacher.logits(sample), 1) == labels))
+        logits = teacher.logits(sample).astype(np.float64)
+        if logits.shape[1] <= int(labels.max()):
+            teacher.input.scale = 1.0
+            return  # _check_classes reports the class mismatch
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        scores[scale] = float(log_probs[np.arange(len(labels)), labels].mean())
     best = max(scores, key=lambda s: (scores[s], s == 1.0))
     teacher.input.scale = best
     teacher.input.notes["scale"] = (
-        f"detected: {best:g} (validation accuracy {100 * scores[best]:.1f}% at scale {best:g} vs "
-        + ", ".join(f"{100 * v:.1f}% at {k:g}" for k, v in scores.items() if k != best)
+        f"detected: {best:g} (mean log-likelihood of the true class on validation data "
+        + ", ".join(f"{v:.3f} at scale {k:g}" for k, v in scores.items())
         + "); state it with --teacher-input-scale"
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Keep built-in teachers trained by tests in one cache for the session, not in ~/.cache."""
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep built-in teachers trained by tests in one cache for the session, not in ~/.cache.
+
+    Session scope, so that module-scoped fixtures which train teachers use it too.
+    """
     cache = tmp_path_factory.getbasetemp() / "edgeopt-cache"
-    monkeypatch.setenv("EDGEOPT_CACHE_DIR", str(cache))
+    previous = os.environ.get("EDGEOPT_CACHE_DIR")
+    os.environ["EDGEOPT_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("EDGEOPT_CACHE_DIR", None)
+    else:
+        os.environ["EDGEOPT_CACHE_DIR"] = previous

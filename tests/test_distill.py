@@ -168,3 +168,14 @@ def test_hint_distillation_changes_training():
         train(model, data, teacher=teacher, config=TrainConfig(epochs=2, hint_weight=hint_weight))
         weights[hint_weight] = model.stem[0].weight.detach().clone()
     assert not torch.equal(weights[0.0], weights[1.0])
+
+
+def test_nan_loss_stops_training_with_advice():
+    from edgeopt.errors import TrainingDivergedError
+
+    data = load_data("digits", limit=200)
+    model = build_student(StudentConfig(width=4, stages=1), data.input_shape, 10)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan in epoch 1 .* lower --lr"):
+        train(model, data, teacher=None, config=TrainConfig(epochs=2), seed=0)
