@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -126,6 +127,13 @@ def _load_model(model: nn.Module | str | Path) -> tuple[nn.Module | Path, str]:
         raise ModelLoadError(f"model file {path} not found")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises DecodeError for truncated or corrupt files
+            raise ModelLoadError(
+                f"cannot read {path} as an ONNX model: {str(exc).splitlines()[0] or exc!r}; "
+                "check that the file is complete"
+            ) from exc
         return path, "onnx"
     if suffix in (".pt", ".pth", ".jit"):
         return load_torch_file(path), "torchscript"

@@ -298,6 +298,23 @@ def check_against_torch(
     return worst
 
 
+def _require_symbolic_batch(proto: onnx.ModelProto) -> None:
+    """Raise unless dim 0 of every graph input and output is symbolic.
+
+    A model that reads its batch size as a Python int (``int(x.shape[0])``, ``len(x)``) is
+    traced with that number baked in, and the file then runs only at the traced batch size.
+    """
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            raise ConversionError(
+                f"dynamic batch was requested, but {value.name!r} has a fixed batch size of "
+                f"{dims[0].dim_value} in the exported graph: the model reads the batch size as "
+                "a Python int (for example int(x.shape[0]) or len(x)); use x.shape[0] without "
+                "int(), or export with dynamic_batch=False"
+            )
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor | tuple[torch.Tensor, ...],
@@ -387,6 +404,8 @@ def export_onnx(
             proto = shape_inference.infer_shapes(proto, check_type=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ConversionError(f"the exported ONNX model is invalid: {exc}") from exc
+        if dynamic_batch:
+            _require_symbolic_batch(proto)
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(proto, path)
         logger.info("wrote %s (opset %d, %s exporter)", path, opset, exporter)

@@ -327,7 +327,7 @@ def quantize_onnx(
         method: `auto` to try min-max, percentile and entropy calibration and keep the best on
             held-out data, or one of those names.
         per_channel: One weight scale per output channel (raises the opset to 13 if needed).
-        held_out: Samples to score the candidates on. Default: the last quarter of
+        held_out: Samples to score the candidates on. Default: a fixed random quarter of
             `calibration`, which is then not used to calibrate the candidates; the chosen method
             is re-calibrated on all samples.
 
@@ -382,8 +382,13 @@ def quantize_onnx(
                 "model input (run with EDGEOPT_LOG_LEVEL=DEBUG for details)"
             )
         chosen = _best(candidates, len(held_out))
-        if chosen != "minmax" and "minmax" in candidates:
-            note = _outlier_note(work / "minmax.onnx", work / f"{chosen}.onnx", chosen)
+        robust = (
+            chosen
+            if chosen != "minmax"
+            else next((name for name in ("percentile", "entropy") if name in candidates), None)
+        )
+        if robust is not None and "minmax" in candidates:
+            note = _outlier_note(work / "minmax.onnx", work / f"{robust}.onnx", robust, chosen)
             if note:
                 notes.append(note)
                 logger.warning("%s: %s", src.name, note)
@@ -404,9 +409,15 @@ def quantize_onnx(
     )
 
 
-def _outlier_note(minmax_path: Path, chosen_path: Path, chosen: str) -> str | None:
-    """Describe how far outliers stretch min-max ranges beyond the chosen calibration's."""
-    minmax, robust = activation_ranges(minmax_path), activation_ranges(chosen_path)
+def _outlier_note(
+    minmax_path: Path, robust_path: Path, robust_name: str, chosen: str
+) -> str | None:
+    """Describe how far outliers stretch min-max ranges beyond a robust calibration's.
+
+    Written whichever method was chosen: when min-max still scored best on held-out data, the
+    inflation is reported so that the caller can check the calibration data.
+    """
+    minmax, robust = activation_ranges(minmax_path), activation_ranges(robust_path)
     ratios = {
         name: (minmax[name][1] - minmax[name][0]) / (high - low)
         for name, (low, high) in robust.items()
@@ -417,6 +428,12 @@ def _outlier_note(minmax_path: Path, chosen_path: Path, chosen: str) -> str | No
     tensor = max(ratios, key=ratios.__getitem__)
     if ratios[tensor] <= _OUTLIER_RATIO:
         return None
+    if chosen == "minmax":
+        return (
+            f"calibration data contains outliers: min-max widens the range of '{tensor}' "
+            f"{ratios[tensor]:.1f}× beyond {robust_name} calibration; min-max was kept because "
+            "it scored best on the held-out samples, but check the calibration data"
+        )
     return (
         f"calibration data contains outliers: min-max would widen the range of '{tensor}' "
         f"{ratios[tensor]:.1f}× beyond {chosen} calibration, which was used instead"

@@ -392,3 +392,31 @@ def test_output_names_swapped_by_position(tmp_path):
     outputs = _run(export.path, x)
     assert max_abs_diff(outputs["a"], x * 2) <= 1e-6
     assert max_abs_diff(outputs["b"], x + 1) <= 1e-6
+
+
+class ConvThenPythonIntReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).reshape(int(x.shape[0]), -1)
+
+
+def test_baked_batch_after_conv_is_never_silent(tmp_path):
+    import onnxruntime as ort
+
+    model = ConvThenPythonIntReshape().eval()
+    try:
+        export = export_onnx(model, torch.randn(1, 3, 4, 5), tmp_path / "baked.onnx")
+    except ConversionError as exc:
+        assert "fixed batch size" in str(exc)
+        assert "int(x.shape[0])" in str(exc)
+        return
+    # If the export succeeds, the file itself (not a runtime that splits batches) must run at
+    # other batch sizes.
+    session = ort.InferenceSession(str(export.path), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 4, 5)
+        output = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert max_abs_diff(output, torch_run(model, x)) <= 1e-4
