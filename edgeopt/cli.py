@@ -98,8 +98,11 @@ input_scale_option = click.option(
 
 @click.group(cls=EdgeoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(edgeopt.__version__, prog_name="edgeopt")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks, for every command.")
+@click.pass_context
+def cli(context: click.Context, debug: bool) -> None:
     """Shrink trained neural networks for phones and small devices."""
+    context.meta[DEBUG_KEY] = debug
 
 
 # --- optimize -----------------------------------------------------------------------------

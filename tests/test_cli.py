@@ -116,8 +116,11 @@ def test_unknown_data_source(tmp_path):
     assert_clean_failure(result, "unknown data source 'cifar'", tmp_path)
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = invoke("optimize", "--debug", "--data", "cifar", "--out", tmp_path / "run")
+@pytest.mark.parametrize("where", ["group", "command"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    args = ["optimize", "--data", "cifar", "--out", tmp_path / "run"]
+    args = ["--debug", *args] if where == "group" else [*args[:1], "--debug", *args[1:]]
+    result = invoke(*args)
     assert result.exit_code != 0
     assert isinstance(result.exception, edgeopt.DataError)
 
