@@ -299,12 +299,13 @@ def check_against_torch(
 
 
 def _require_symbolic_batch(proto: onnx.ModelProto) -> None:
-    """Raise unless dim 0 of every graph input and output is symbolic.
+    """Raise unless dim 0 of every graph input is symbolic.
 
     A model that reads its batch size as a Python int (``int(x.shape[0])``, ``len(x)``) is
     traced with that number baked in, and the file then runs only at the traced batch size.
+    Outputs are not checked: one may legitimately not depend on the batch (a constant tensor).
     """
-    for value in [*proto.graph.input, *proto.graph.output]:
+    for value in proto.graph.input:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             raise ConversionError(
