@@ -42,6 +42,8 @@ logger = get_logger(__name__)
 BUILTIN_TEACHERS = ("auto", "cnn", "mlp")
 # Part of the cache key of trained built-in teachers: bump it when their architecture changes.
 BUILTIN_TEACHER_VERSION = 2
+# Accuracy gap (as a fraction) above which input-scale detection trusts accuracy alone.
+SCALE_ACCURACY_MARGIN = 0.02
 TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
 
 
@@ -540,12 +542,9 @@ def _choose_input_scale(teacher: Teacher, data: Dataset, stated: float | None) -
     if teacher.kind == "builtin" or data.raw_scale == 1.0:
         teacher.input.notes["scale"] = "default: the teacher sees the student's inputs unchanged"
         return
-    sample = data.val.x[:256]
-    labels = data.val.y[:256]
-    # Mean log-probability of the true class, not accuracy: a ReLU network often classifies
-    # equally well at both scales, but at the wrong one its logits are hundreds of times too
-    # small (or large) and its soft targets useless for distillation.
-    scores = {}
+    sample = data.val.x[:512]
+    labels = data.val.y[:512]
+    accuracies, likelihoods = {}, {}
     for scale in (1.0, data.raw_scale):
         teacher.input.scale = scale
         logits = teacher.logits(sample).astype(np.float64)
@@ -554,12 +553,24 @@ def _choose_input_scale(teacher: Teacher, data: Dataset, stated: float | None) -
             return  # _check_classes reports the class mismatch
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        scores[scale] = float(log_probs[np.arange(len(labels)), labels].mean())
-    best = max(scores, key=lambda s: (scores[s], s == 1.0))
+        accuracies[scale] = float(np.mean(logits.argmax(axis=1) == labels))
+        likelihoods[scale] = float(log_probs[np.arange(len(labels)), labels].mean())
+    raw = data.raw_scale
+    if abs(accuracies[raw] - accuracies[1.0]) > SCALE_ACCURACY_MARGIN:
+        best = max(accuracies, key=accuracies.__getitem__)
+        reason = "clearly more accurate"
+    else:
+        # A ReLU network without normalisation often classifies equally well at both scales,
+        # but at one of them its logits are hundreds of times larger and its soft targets
+        # one-hot; the better log-likelihood marks the calibrated, more useful one.
+        best = max(likelihoods, key=lambda s: (likelihoods[s], s == 1.0))
+        reason = "equally accurate at both scales, better calibrated"
     teacher.input.scale = best
     teacher.input.notes["scale"] = (
-        f"detected: {best:g} (mean log-likelihood of the true class on validation data "
-        + ", ".join(f"{v:.3f} at scale {k:g}" for k, v in scores.items())
+        f"detected: {best:g} ({reason}; validation accuracy "
+        + ", ".join(f"{100 * accuracies[k]:.1f}% at scale {k:g}" for k in accuracies)
+        + "; mean true-class log-likelihood "
+        + ", ".join(f"{likelihoods[k]:.2f} at scale {k:g}" for k in likelihoods)
         + "); state it with --teacher-input-scale"
     )
 
