@@ -315,6 +315,7 @@ def _load_csv(path: Path, label: str | None) -> _Raw:
         raise DataError(f"cannot read {path} as CSV: {exc}") from exc
     if len(rows) < 2:
         raise DataError(f"{path} has no data rows under its header")
+
     header = [name.strip() for name in rows[0]]
     if label not in header:
         raise DataError(f"label column {label!r} not in {path}: columns are {', '.join(header)}")
@@ -323,6 +324,7 @@ def _load_csv(path: Path, label: str | None) -> _Raw:
     if bad is not None:
         raise DataError(f"{path} line {bad} has a different number of fields than the header")
     columns = list(zip(*body, strict=True))
+
     label_index = header.index(label)
     labels = np.array([cell.strip() for cell in columns[label_index]])
     if any(value.lower() in MISSING_CSV_VALUES for value in labels):
@@ -359,6 +361,7 @@ def _encode_column(name: str, cells: tuple[str, ...], path: Path) -> tuple[np.nd
         except ValueError:
             numeric = False
             break
+
     if numeric and not missing.all():
         if missing.any():
             fill = float(np.nanmedian(numbers))
@@ -371,6 +374,7 @@ def _encode_column(name: str, cells: tuple[str, ...], path: Path) -> tuple[np.nd
             )
             numbers[missing] = fill
         return numbers[:, None], [name]
+
     categories = sorted({v for v, m in zip(values, missing, strict=True) if not m})
     if len(categories) > MAX_CATEGORIES:
         if len(categories) > 0.5 * len(values):

@@ -78,7 +78,7 @@ class OptimizeConfig:
 
 @dataclass
 class RunState:
-    """What the stages share: the settings, the working folder and each stage's result."""
+    """State shared by the stages: the settings, the working folder and each stage's result."""
 
     config: OptimizeConfig
     workdir: Path
@@ -187,7 +187,7 @@ class StudentStage(Stage):
         family = spec or ("inverted_residual" if data.kind == "image" else "mlp")
         if family != "mlp" and data.kind != "image":
             raise EdgeoptInputError(
-                f"student {family!r} needs image data, but {data.name} holds vectors: use "
+                f"student {family!r} needs image data, but {data.name} contains vectors: use "
                 "--student mlp"
             )
         teacher_macs = _teacher_macs(teacher, data)

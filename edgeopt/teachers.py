@@ -10,9 +10,9 @@ A teacher spec is one of
 - ``package.module:callable`` returning an ``nn.Module``, with optional weights loaded from a
   state dict (``weights_only=True``).
 
-Every teacher exposes `Teacher.logits`, which takes inputs preprocessed the student's way and
-applies the teacher's own input convention (`TeacherInput`) first: a scale (for teachers trained
-on raw 0–255 pixels) and a fixed batch size (for ONNX files exported with batch 1).
+Every teacher exposes `Teacher.logits`, which takes inputs preprocessed the student's way. It
+first applies the teacher's own input convention (`TeacherInput`): a scale, for teachers trained
+on raw 0–255 pixels, and a fixed batch size, for ONNX files exported with batch 1.
 """
 
 from __future__ import annotations
@@ -212,7 +212,13 @@ class CNNTeacher(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int) -> None:
         super().__init__()
-        pools = 2 if min(height, width) >= 8 else (1 if min(height, width) >= 4 else 0)
+        smallest = min(height, width)
+        if smallest >= 8:
+            pools = 2
+        elif smallest >= 4:
+            pools = 1
+        else:
+            pools = 0
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
@@ -379,7 +385,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ModelLoadError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise ModelLoadError(f"{path} contains a {type(state).__name__}, not a state dict")
     return state
 
 
