@@ -272,9 +272,13 @@ def _load_folder(directory: Path) -> _Raw:
         )
     files: list[tuple[Path, int]] = []
     for index, class_dir in enumerate(class_dirs):
-        for path in sorted(class_dir.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((path, index))
+        found = [p for p in sorted(class_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise DataError(
+                f"class folder {class_dir} contains no images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder"
+            )
+        files += [(path, index) for path in found]
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {directory}")
     images = []

@@ -525,11 +525,36 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        _remove_stale_partials(out)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise EdgeoptInputError(
             f"cannot write the output folder {out}: {exc.strerror or exc}; choose a writable --out"
         ) from exc
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove temporary folders of earlier runs of `out` whose process no longer exists.
+
+    A run removes its own temporary folder on errors, Ctrl-C and SIGTERM, but not when the
+    process is killed outright or aborts in native code; the next run of the same --out does.
+    """
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        pid_text = folder.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_exists(int(pid_text)):
+            continue
+        logger.warning("removing %s, left by an interrupted run (process %s)", folder, pid_text)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # the process exists but belongs to another user
+    return True
 
 
 def _move_into_place(workdir: Path, out: Path) -> None:

@@ -183,3 +183,12 @@ def test_real_telco_csv_loads_with_blank_total_charges():
 def test_bad_specs_name_the_value(spec, message):
     with pytest.raises(DataError, match=message):
         load_data(spec)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "cat" / "a.png")
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'dog'} contains no images"):
+        load_data(f"folder:{tmp_path}")

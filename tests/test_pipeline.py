@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -129,3 +130,26 @@ def test_failed_overwrite_keeps_the_old_run(tmp_path):
 def test_unknown_setting_is_named():
     with pytest.raises(edgeopt.EdgeoptInputError, match="unknown optimize setting"):
         edgeopt.optimize(epocs=3)
+
+
+def test_stale_partial_folder_of_a_dead_run_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(finished.stdout)
+    stale = tmp_path / f".run.partial-{dead_pid}-abc123"
+    stale.mkdir()
+    (stale / "student.onnx").write_bytes(b"half")
+    alive = tmp_path / f".run.partial-{os.getpid()}-def456"
+    alive.mkdir()
+    config = OptimizeConfig(out=tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run_optimize(config, stages=[LoadDataStage(), ExplodingStage()])
+    assert not stale.exists()
+    assert alive.exists()
