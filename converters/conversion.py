@@ -320,13 +320,30 @@ def _module_to_onnx(
         return ConversionResult(
             out, "onnx", precision, report, {}, _sizes(out=out), details=export
         )
+    return _quantize_onnx_and_verify(
+        model, fp32_path, out, calibration, verify_data, labels, method, threads, measure
+    )
+
+
+def _quantize_onnx_and_verify(
+    reference: nn.Module | Path,
+    fp32_path: Path,
+    out: Path,
+    calibration: np.ndarray | None,
+    verify_data: np.ndarray,
+    labels: np.ndarray | None,
+    method: str,
+    threads: int,
+    measure: bool,
+) -> ConversionResult:
+    """Quantize `fp32_path` to int8 ONNX at `out`, verify it against `reference` and time both."""
     quantization = quantize_onnx(fp32_path, out, calibration, method=method)
-    report = verify(model, out, verify_data, labels=labels, threads=threads)
+    report = verify(reference, out, verify_data, labels=labels, threads=threads)
     latency = compare_int8_latency(fp32_path, out, verify_data, threads) if measure else {}
     return ConversionResult(
         out,
         "onnx",
-        precision,
+        "int8",
         report,
         latency,
         _sizes(fp32=fp32_path, int8=out),
@@ -390,18 +407,8 @@ def _convert_onnx_file(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     if precision == "int8":
-        quantization = quantize_onnx(source, out, calibration, method=method)
-        report = verify(source, out, verify_data, labels=labels, threads=threads)
-        latency = compare_int8_latency(source, out, verify_data, threads) if measure else {}
-        return ConversionResult(
-            out,
-            "onnx",
-            precision,
-            report,
-            latency,
-            _sizes(fp32=source, int8=out),
-            source,
-            quantization,
+        return _quantize_onnx_and_verify(
+            source, source, out, calibration, verify_data, labels, method, threads, measure
         )
     import onnx
 
