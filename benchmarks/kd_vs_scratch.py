@@ -77,6 +77,12 @@ def run(data_spec: str, seeds: list[int], epochs: int, mac_ratio: float) -> dict
     }
 
 
+def _relative_spec(spec: str) -> str:
+    """Return `spec` with a path under the repository's parent folder written relative to it."""
+    parent = str(Path(__file__).resolve().parents[2])
+    return spec.replace(parent, "..", 1)
+
+
 def render(result: dict, command: str) -> str:
     rows = result["rows"]
     mean_scratch = statistics.mean(r["scratch"] for r in rows)
@@ -92,7 +98,7 @@ def render(result: dict, command: str) -> str:
         command,
         "```",
         "",
-        f"- Data `{result['data']}`: {result['samples']['train']} training, "
+        f"- Data `{_relative_spec(result['data'])}`: {result['samples']['train']} training, "
         f"{result['samples']['val']} validation, {result['samples']['test']} test samples "
         "(the MNIST test set split three ways; the MNIST training images are not available here).",
         f"- Teacher: built-in CNN, {result['teacher_macs']:,} MACs, test accuracy "

@@ -1,9 +1,10 @@
 """Benchmark of the latency predictor and the roofline bound on the local LiteRT target.
 
-Calibrates the kernel table of a local target (or reuses one with --table), draws random
-students from the search space with a seed the calibration does not use, exports each to
-TFLite, measures it, predicts it, and checks the roofline lower bound of this machine against
-the measurement. Also measures int8 against fp32 for a few students on both local runtimes.
+Calibrates the kernel table of a local target, or reuses one with --table. Then draws random
+students from the search space with a seed the calibration does not use. Each student is
+exported to TFLite, measured and predicted, and the roofline lower bound of this machine is
+checked against the measurement. Also measures int8 against fp32 for a few students on both
+local runtimes.
 Writes the section "## Latency predictor" of docs/benchmarks.md, replacing only that section.
 
     .venv/bin/python benchmarks/latency_predictor.py --models 100

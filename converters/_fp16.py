@@ -52,19 +52,19 @@ def onnx_weights_to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
     """
     graph = model.graph
     cast_nodes = []
-    kept = []
+    new_initializers = []
     clamped: dict[str, int] = {}
     for init in graph.initializer:
         is_float32 = init.data_type == onnx.TensorProto.FLOAT
         array = numpy_helper.to_array(init) if is_float32 else None
         if array is None or array.size < MIN_FP16_ELEMENTS:
-            kept.append(init)
+            new_initializers.append(init)
             continue
         array, count = clamp_to_fp16_range(array)
         if count:
             clamped[init.name] = count
         half_name = f"{init.name}__fp16"
-        kept.append(numpy_helper.from_array(array.astype(np.float16), half_name))
+        new_initializers.append(numpy_helper.from_array(array.astype(np.float16), half_name))
         cast_nodes.append(
             helper.make_node(
                 "Cast",
@@ -75,7 +75,7 @@ def onnx_weights_to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
             )
         )
     del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.initializer.extend(new_initializers)
     converted = {node.output[0] for node in cast_nodes}
     graph_inputs = [value for value in graph.input if value.name not in converted]
     del graph.input[:]

@@ -6,7 +6,7 @@ and outputs after the model's. Precisions:
 
 - `fp32`: float32 throughout.
 - `fp16`: weights of fully connected, convolution and embedding ops stored as float16 and
-  dequantized to float32 at load (ai-edge-quantizer's float casting); other constants stay fp32.
+  dequantized to float32 at load (ai-edge-quantizer's float casting). Other constants stay fp32.
 - `int8-dynamic`: int8 weights, activations quantized at run time (PT2E dynamic quantization).
 - `int8`: int8 weights and activations calibrated on `calibration` (PT2E static quantization,
   per-channel weights); float32 inputs and outputs unless `int8_io=True`.

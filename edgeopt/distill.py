@@ -48,7 +48,7 @@ def kd_loss(
         alpha: weight of the soft term, in [0, 1].
 
     The KL term uses ``reduction="batchmean"`` (sum over classes, mean over samples), which is
-    the mathematical KL divergence; ``"mean"`` would also divide by the number of classes.
+    the mathematical KL divergence. ``"mean"`` would also divide by the number of classes.
     """
     if not 0 < temperature < float("inf"):
         raise EdgeoptInputError(f"invalid temperature {temperature}: use a finite value > 0")
@@ -115,7 +115,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a training run produced, besides the trained weights (kept in the model)."""
+    """Record of a training run: history and best epoch (the weights stay in the model)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0

@@ -2,7 +2,7 @@
 
 Every error a user can fix (a missing file, a wrong shape, an unknown name) is an
 `EdgeoptInputError`. The CLI prints its message on one line and exits with code 2, so each
-message names the value at fault and says what to do.
+message names the value at fault and what to do.
 """
 
 from __future__ import annotations

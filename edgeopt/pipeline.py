@@ -27,7 +27,7 @@ from torch import nn
 
 from edgeopt._logging import RunLogFile, get_logger
 from edgeopt.data import Dataset, load_data
-from edgeopt.distill import TrainConfig, TrainResult, evaluate, predict, train
+from edgeopt.distill import TrainConfig, TrainResult, predict, train
 from edgeopt.errors import ConversionError, EdgeoptInputError, TargetError
 from edgeopt.metrics import accuracy, count_macs, count_params
 from edgeopt.students import FAMILIES, StudentConfig, build_student, size_student
@@ -145,6 +145,7 @@ class TeacherStage(Stage):
         state.teacher = teacher
         logits = teacher.logits(data.test.x)
         info["test_accuracy"] = accuracy(logits, data.test.y)
+        info["macs"] = _teacher_macs(teacher, data)
         info["describe"] = teacher.describe()
         logger.info("teacher %s: test accuracy %.2f%%", teacher.name, 100 * info["test_accuracy"])
         return info
@@ -155,8 +156,9 @@ class StudentStage(Stage):
 
     def run(self, state: RunState) -> dict[str, Any]:
         config, data = state.config, _require(state.data, "data")
-        teacher = _require(state.teacher, "teacher")
-        student_config = self._choose(config, data, teacher)
+        _require(state.teacher, "teacher")
+        teacher_macs = state.results["teacher"]["macs"]
+        student_config = self._choose(config, data, teacher_macs)
         torch.manual_seed(config.seed)  # the initial weights are part of a seeded run
         state.student = build_student(student_config, data.input_shape, data.num_classes)
         macs = count_macs(state.student, data.input_shape)
@@ -169,7 +171,7 @@ class StudentStage(Stage):
         return {"architecture": student_config.to_dict(), "macs": macs}
 
     @staticmethod
-    def _choose(config: OptimizeConfig, data: Dataset, teacher: Teacher) -> StudentConfig:
+    def _choose(config: OptimizeConfig, data: Dataset, teacher_macs: int | None) -> StudentConfig:
         spec = config.student
         if spec and spec.endswith(".json"):
             path = Path(spec).expanduser()
@@ -190,7 +192,6 @@ class StudentStage(Stage):
                 f"student {family!r} needs image data, but {data.name} contains vectors: use "
                 "--student mlp"
             )
-        teacher_macs = _teacher_macs(teacher, data)
         budget = config.mac_ratio * teacher_macs if teacher_macs else 2e6
         return size_student(family, data.input_shape, data.num_classes, budget)
 
@@ -289,6 +290,7 @@ class VerifyStage(Stage):
 
         data, student = _require(state.data, "data"), _require(state.student, "student")
         reference = predict(student, data.test.x)
+        state.results["student_test_accuracy"] = accuracy(reference, data.test.y)
         exports = state.results["export"]
         for entry in exports:
             if "error" in entry:
@@ -331,7 +333,7 @@ class MeasureStage(Stage):
                 "kind": teacher.kind,
                 "accuracy": state.results["teacher"]["test_accuracy"],
                 "params": _teacher_params(teacher),
-                "macs": _teacher_macs(teacher, data),
+                "macs": state.results["teacher"]["macs"],
                 "size_bytes": _teacher_size(teacher, teacher_files),
                 "latency_ms": {},
             }
@@ -355,9 +357,9 @@ class MeasureStage(Stage):
         )
         student_entry = {
             "architecture": student.config.to_dict(),
-            "accuracy": evaluate(student, data.test.x, data.test.y),
+            "accuracy": state.results["student_test_accuracy"],
             "params": count_params(student),
-            "macs": count_macs(student, data.input_shape),
+            "macs": state.results["student"]["macs"],
             "size_bytes": (onnx_export or {}).get("size_bytes"),
             "latency_ms": {},
         }
@@ -536,8 +538,8 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
 def _remove_stale_partials(out: Path) -> None:
     """Remove temporary folders of earlier runs of `out` whose process no longer exists.
 
-    A run removes its own temporary folder on errors, Ctrl-C and SIGTERM, but not when the
-    process is killed outright or aborts in native code; the next run of the same --out does.
+    A run removes its own temporary folder on errors, Ctrl-C and SIGTERM. When the process is
+    killed outright or aborts in native code, the next run of the same --out removes it.
     """
     for folder in out.parent.glob(f".{out.name}.partial-*"):
         pid_text = folder.name.rsplit(".partial-", 1)[1].split("-", 1)[0]

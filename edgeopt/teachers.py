@@ -49,11 +49,11 @@ TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
 
 @dataclass
 class TeacherInput:
-    """How the teacher expects its input, relative to the student's preprocessed input.
+    """The teacher's input convention, relative to the student's preprocessed input.
 
     Attributes:
-        scale: factor applied to student inputs before the teacher sees them (255 for a teacher
-            trained on raw 8-bit pixels when the student sees [0, 1]).
+        scale: factor applied to student inputs before they reach the teacher (255 for a
+            teacher trained on raw 8-bit pixels when the student takes [0, 1]).
         fixed_batch: batch size baked into the teacher, or None for any batch.
         notes: how each value was chosen ("stated", "detected: …", "default").
     """
@@ -206,8 +206,8 @@ class OnnxTeacher(Teacher):
 class CNNTeacher(nn.Module):
     """Three 3×3 conv blocks (32, 64, 128 channels), two max pools and a linear classifier.
 
-    The classifier sees the whole final feature map (flattened, not globally pooled), so the
-    position of strokes still counts, which matters for digits and other centred images.
+    The classifier takes the whole final feature map (flattened, not globally pooled). The
+    position of strokes therefore still counts, which matters for digits and centred images.
     """
 
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int) -> None:
@@ -510,9 +510,9 @@ def _check_shape(teacher: Teacher, data: Dataset) -> None:
             e is None or e == d for e, d in zip(expected, data.input_shape, strict=False)
         )
         if not fits:
-            shown = "×".join("?" if e is None else str(e) for e in expected)
+            expected_text = "×".join("?" if e is None else str(e) for e in expected)
             raise DataError(
-                f"teacher {teacher.name} expects samples of shape {shown} but the data "
+                f"teacher {teacher.name} expects samples of shape {expected_text} but the data "
                 f"{data.name} has {'×'.join(map(str, data.input_shape))}: use data that matches "
                 "the teacher"
             )
@@ -546,7 +546,7 @@ def _choose_input_scale(teacher: Teacher, data: Dataset, stated: float | None) -
         teacher.input.notes["scale"] = "stated"
         return
     if teacher.kind == "builtin" or data.raw_scale == 1.0:
-        teacher.input.notes["scale"] = "default: the teacher sees the student's inputs unchanged"
+        teacher.input.notes["scale"] = "default: the teacher takes the student's inputs as is"
         return
     sample = data.val.x[:512]
     labels = data.val.y[:512]
@@ -566,9 +566,9 @@ def _choose_input_scale(teacher: Teacher, data: Dataset, stated: float | None) -
         best = max(accuracies, key=accuracies.__getitem__)
         reason = "clearly more accurate"
     else:
-        # A ReLU network without normalisation often classifies equally well at both scales,
-        # but at one of them its logits are hundreds of times larger and its soft targets
-        # one-hot; the better log-likelihood marks the calibrated, more useful one.
+        # A ReLU network without normalisation often classifies equally well at both scales.
+        # At one of them its logits are hundreds of times larger and its soft targets one-hot,
+        # so the better log-likelihood marks the calibrated scale, the useful one for distilling.
         best = max(likelihoods, key=lambda s: (likelihoods[s], s == 1.0))
         reason = "equally accurate at both scales, better calibrated"
     teacher.input.scale = best

@@ -121,8 +121,8 @@ def to_latency_stats(result: BenchmarkResult, file_size_bytes: int, threads: int
     """Convert a parsed run to `LatencyStats` (source "measured-device")."""
     mean_ms = result.inference_avg_us / 1e3
     std_ms = (result.std_us or 0.0) / 1e3
-    # NOTE: benchmark_model prints the median and percentiles only in some versions; without
-    # them the median is the mean and p90 is mean + 1.28 std, which assumes normal run times.
+    # NOTE: benchmark_model prints the median and percentiles only in some versions. Without
+    # them the median is taken as the mean and p90 as mean + 1.28 std, assuming normal times.
     median_ms = result.median_us / 1e3 if result.median_us is not None else mean_ms
     peak_mb = result.peak_memory_mb or result.memory_overall_mb
     return LatencyStats(

@@ -2,10 +2,10 @@
 
 Converting a torch module with litert-torch takes seconds, too slow for the hundreds of kernels
 of the search space, so the TFLite flatbuffer is built with the schema classes of ai-edge-litert.
-Each kernel is lowered the way litert-torch 0.10 lowers the same torch layer (checked against
-its output in the tests): BatchNorm folded into the bias, ReLU/ReLU6 fused, a convolution on a
-one-channel input as DEPTHWISE_CONV_2D with a depth multiplier, and an explicit PAD before a
-VALID convolution where TFLite's SAME padding would differ from torch's symmetric padding.
+Each kernel is lowered the way litert-torch 0.10 lowers the same torch layer, which the tests
+check against its output. BatchNorm is folded into the bias and ReLU/ReLU6 fused. A convolution
+on a one-channel input becomes DEPTHWISE_CONV_2D with a depth multiplier. An explicit PAD comes
+before a VALID convolution where TFLite's SAME padding would differ from torch's symmetric one.
 Inputs are NHWC, as inside a converted model.
 
 With `copies` > 1 a model runs the kernel that many times side by side, each copy on the same

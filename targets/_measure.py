@@ -44,9 +44,9 @@ def measure_latency(
 ) -> LatencyStats:
     """Measure the latency of one inference of `model_path` on this machine.
 
-    The model runs `warmup` times untimed, then in rounds until at least `min_runs` runs and a
-    tenth of `budget_s` are spent and the relative standard error of the median is at most
-    `cv_target`, or until `max_runs` runs or `budget_s` seconds of timed runs have passed.
+    The model runs `warmup` times untimed, then in rounds. Timing stops once at least
+    `min_runs` runs and a tenth of `budget_s` are spent and the relative standard error of the
+    median is at most `cv_target`. It also stops after `max_runs` runs or `budget_s` seconds.
     Only the runtime's run call is timed (ONNX Runtime `session.run`, LiteRT `invoke`), so
     input copies are not counted.
 

@@ -1,7 +1,7 @@
 """Device profiles of edge CPUs, roofline lower bounds and calibrated latency estimates.
 
 A profile gives one core's clock, MACs per cycle (fp32 and int8), memory bandwidth and
-last-level cache; each number's source or assumption is kept in the profile's JSON file.
+last-level cache. The profile's JSON file records each number's source or assumption.
 The roofline lower bound of a model is max(MACs / peak MAC rate, bytes / bandwidth), where bytes
 are the model's weights plus every activation tensor once, and the bandwidth is the cache's
 when those bytes fit in the cache (a repeated inference keeps them there) and DRAM's otherwise.
@@ -169,9 +169,9 @@ def _last_level_cache_bytes(default: int = 1024 * 1024) -> int:
 def local_profile() -> DeviceProfile:
     """Return the profile of this machine's CPU, one core.
 
-    The peak MAC rate is declared from the CPU flags and the highest clock the system reports,
-    assuming two FMA pipes of the widest SIMD unit (an upper bound for current x86 and Arm
-    cores, so the roofline stays a lower bound). Bandwidths are measured with numpy copies: a
+    The peak MAC rate is declared from the CPU flags and the highest clock the system reports.
+    It assumes two FMA pipes of the widest SIMD unit, an upper bound for current x86 and Arm
+    cores, so the roofline stays a lower bound. Bandwidths are measured with numpy copies: a
     256 KiB buffer for the cache, 64 MiB for DRAM. The cache size is the last-level cache, so
     anything that fits in any cache is charged at the fastest measured cache bandwidth.
     """
@@ -249,15 +249,17 @@ class PredictedTarget(Target):
         path = self.check_model(model_path)
         info = inspect_model(path)
         local = get_target("litert-xnnpack").measure(path, example, budget_s=budget_s)
-        here = roofline(info, local_profile()).bound_ms
-        there = roofline(info, self.profile).bound_ms
-        if here <= 0:
+        local_bound = roofline(info, local_profile()).bound_ms
+        device_bound = roofline(info, self.profile).bound_ms
+        if local_bound <= 0:
             raise TargetError(
                 f"cannot estimate {path.name!r} on {self.name!r}: the model has no MACs or "
                 "bytes to scale by"
             )
-        ratio = there / here
-        logger.debug("%s: device roofline %.4f ms, local %.4f ms", self.name, there, here)
+        ratio = device_bound / local_bound
+        logger.debug(
+            "%s: device roofline %.4f ms, local %.4f ms", self.name, device_bound, local_bound
+        )
         return dataclasses.replace(
             local,
             median_ms=local.median_ms * ratio,

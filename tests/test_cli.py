@@ -213,7 +213,7 @@ def test_verify_identical_models(small_onnx):
     assert payload["top1_agreement"] == 1.0
 
 
-def test_overwrite_keeps_a_folder_that_is_not_a_run(tmp_path):
+def test_overwrite_keeps_non_run_folder(tmp_path):
     folder = tmp_path / "thesis"
     folder.mkdir()
     (folder / "chapter1.txt").write_text("months of work")

@@ -36,9 +36,11 @@ def test_digits_split_is_deterministic_and_stratified():
     assert np.array_equal(first.test.x, again.test.x)
     assert not np.array_equal(first.test.x, other.test.x)
     counts = np.bincount(first.test.y, minlength=10)
-    assert counts.min() >= 34 and counts.max() <= 38
+    assert counts.min() >= 34
+    assert counts.max() <= 38
     assert first.train.x.dtype == np.float32
-    assert first.train.x.min() == 0.0 and first.train.x.max() == 1.0
+    assert first.train.x.min() == 0.0
+    assert first.train.x.max() == 1.0
 
 
 def test_split_parts_do_not_overlap():

@@ -132,7 +132,7 @@ def test_unknown_setting_is_named():
         edgeopt.optimize(epocs=3)
 
 
-def test_stale_partial_folder_of_a_dead_run_is_removed(tmp_path):
+def test_dead_run_partial_removed(tmp_path):
     import subprocess
     import sys
 

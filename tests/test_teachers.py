@@ -89,13 +89,13 @@ def test_stated_scale_overrides_detection(tmp_path, digits, trained):
     assert info["input"]["notes"]["scale"] == "stated"
 
 
-def test_shared_mnist_onnx_needs_batch_one_and_raw_pixels():
+def test_zoo_mnist_onnx_teacher_input():
     model = shared_path("models", "mnist_cnn_onnx", "mnist.onnx")
     data = load_data(f"mnist:{shared_path('datasets', 'mnist')}", seed=0)
     teacher, info = load_teacher(str(model), data)
     assert teacher.input.fixed_batch == 1
     # The model classifies as well on [0, 1] as on 0–255 input (98.90% against 98.91% on all
-    # 10,000 images), so either scale may be chosen; the note must show both measurements.
+    # 10,000 images), so either scale may be chosen. The note must show both measurements.
     note = info["input"]["notes"]["scale"]
     assert "at scale 1" in note
     assert "at scale 255" in note
